@@ -1,0 +1,92 @@
+"""What `train.py` and `evaluate.py` do with a composed config.
+
+Training is the same for every stage: the stage config names a LightningModule
+(``stage.module``) and optionally a LightningDataModule (``stage.datamodule``);
+this file builds them, the loggers, callbacks and trainer, and fits. A module that
+has an ``export(output_dir)`` method writes its compact result file (the weights
+later stages load) after fitting.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a config group that maps names to ``_target_`` configs."""
+    if not group:
+        return []
+    return [hydra.utils.instantiate(c) for c in group.values() if c is not None and "_target_" in c]
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """``ckpt_path=last`` resumes from the stage's own last checkpoint when there is one."""
+    ckpt = cfg.get("ckpt_path")
+    if ckpt in (None, ""):
+        return None
+    if ckpt == "last":
+        last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
+        if last.exists():
+            log.info("resuming from %s", last)
+            return str(last)
+        log.info("no %s yet: starting fresh", last)
+        return None
+    if not Path(ckpt).exists():
+        raise FileNotFoundError(f"ckpt_path={ckpt} does not exist")
+    return str(ckpt)
+
+
+def set_threads() -> None:
+    """Respect SEEING_THREADS on shared CPU machines (torch otherwise takes every core)."""
+    n = os.environ.get("SEEING_THREADS")
+    if n:
+        torch.set_num_threads(int(n))
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    set_threads()
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, Path(cfg.output_dir) / "config.yaml", resolve=False)
+
+    datamodule = hydra.utils.instantiate(cfg.stage.datamodule) if cfg.stage.get("datamodule") else None
+    module = hydra.utils.instantiate(cfg.stage.module)
+    callbacks = instantiate_group(cfg.get("callbacks")) + instantiate_group(cfg.stage.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, **(cfg.stage.get("trainer") or {})
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    if hasattr(module, "export") and trainer.is_global_zero:
+        path = module.export(Path(cfg.output_dir))
+        log.info("exported %s", path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    for lg in loggers:
+        if hasattr(lg, "experiment") and hasattr(lg.experiment, "finish"):
+            lg.experiment.finish()
+    return metrics
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def evaluate(cfg: DictConfig) -> Any:
+    """Each ``metric`` config names a ``run`` function taking the whole config."""
+    set_threads()
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, Path(cfg.output_dir) / "config.yaml", resolve=False)
+    run = hydra.utils.get_method(cfg.metric.run)
+    return run(cfg)

@@ -1,0 +1,138 @@
+"""Files people look at (JSON, CSV, PNG) and their W&B mirror, written atomically.
+
+Every report in the project goes through these helpers, so a killed run never
+leaves a half-written table or cache behind, and every table and figure that
+lands on disk is also logged to W&B (offline unless configured otherwise).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, default=_jsonable) + "\n").encode())
+    return Path(path)
+
+
+def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+    _atomic_write_bytes(Path(path), buf.getvalue().encode())
+    return Path(path)
+
+
+def write_markdown_table(path: str | Path, rows: Sequence[Mapping[str, Any]], floatfmt: str = ".4f") -> Path:
+    def fmt(v: Any) -> str:
+        return format(v, floatfmt) if isinstance(v, float) else str(v)
+
+    cols = list(rows[0].keys()) if rows else []
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    _atomic_write_bytes(Path(path), ("\n".join(lines) + "\n").encode())
+    return Path(path)
+
+
+def torch_save_atomic(obj: Any, path: str | Path) -> Path:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    _atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    _atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
+
+
+def _jsonable(v: Any) -> Any:
+    if torch.is_tensor(v):
+        return v.tolist()
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    if isinstance(v, Path):
+        return str(v)
+    raise TypeError(f"not JSON serialisable: {type(v)}")
+
+
+class WandbReport:
+    """A W&B run for an evaluation job (training jobs use Lightning's WandbLogger).
+
+    Opened only when the composed ``logger`` group has a ``wandb`` entry; offline by
+    default. All methods are no-ops when W&B is off, so callers never branch.
+    """
+
+    def __init__(self, cfg: DictConfig | None, job_type: str):
+        self.run = None
+        wcfg = (cfg.get("logger") or {}).get("wandb") if cfg is not None else None
+        if not wcfg:
+            return
+        import wandb
+
+        self._wandb = wandb
+        self.run = wandb.init(
+            project=wcfg.get("project", "seeing"),
+            name=wcfg.get("name"),
+            group=wcfg.get("group"),
+            dir=str(wcfg.get("save_dir", ".")),
+            mode="offline" if wcfg.get("offline", True) else "online",
+            job_type=job_type,
+            config=OmegaConf.to_container(cfg, resolve=False),
+            reinit="finish_previous",
+        )
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        if self.run is not None:
+            self.run.log(dict(metrics))
+
+    def log_image(self, key: str, path: str | Path) -> None:
+        if self.run is not None:
+            self.run.log({key: self._wandb.Image(str(path))})
+
+    def log_table(self, key: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        if self.run is not None and rows:
+            cols = list(rows[0].keys())
+            self.run.log({key: self._wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])})
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def iter_chunks(seq: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(seq), size):
+        yield seq[i : i + size]

@@ -1,0 +1,14 @@
+"""Train one stage: `python train.py stage=layer3 model=progan model.checkpoint=/path.pth`."""
+import hydra
+from omegaconf import DictConfig
+
+from seeing.pipeline import train
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig):
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
