@@ -63,6 +63,8 @@ def test_drop_fraction_applies_to_that_share_of_images():
 def test_bad_options_error():
     with pytest.raises(ValueError, match="unknown scene classes"):
         ScenesDataset(4, drop=["unicorn"])
+    with pytest.raises(ValueError, match="background"):
+        ScenesDataset(4, drop=["sky"])
     with pytest.raises(ValueError):
         ScenesDataset(0)
 

@@ -307,6 +307,8 @@ def _class_ids(names: Sequence[str]) -> list[int]:
     unknown = [n for n in names if n not in CLASS_INDEX]
     if unknown:
         raise ValueError(f"unknown scene classes {unknown}; classes are {list(CLASS_NAMES)}")
+    if "sky" in names:
+        raise ValueError("'sky' is the background every other class is drawn over; it cannot be dropped")
     return [CLASS_INDEX[n] for n in names]
 
 

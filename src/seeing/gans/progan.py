@@ -8,6 +8,7 @@ equalised learning rate (a weight scale applied at run time plus a bias, ``wscal
 from __future__ import annotations
 
 import math
+import re
 from typing import Sequence
 
 import torch
@@ -15,6 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layered import LayeredGenerator
+from .materialize import build_and_load
+
+LAYOUT = "ganseeing_proggan"
 
 
 def pixel_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -90,6 +94,16 @@ class ProGANGenerator(LayeredGenerator):
         layers[0] = (first_name, _FlatInput(first))
         super().__init__(layers, z_dim=z_dim, resolution=4 * 2 ** (len(widths) - 1))
 
+    layout = LAYOUT
+
+    @classmethod
+    def from_layout_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> "ProGANGenerator":
+        """A generator sized from the tensor shapes of a public-layout state dict, holding
+        those tensors (built on the meta device first, so nothing is allocated twice)."""
+        z_dim, widths = infer_progan_sizes(state_dict)
+        internal = {_to_internal(k): v for k, v in state_dict.items()}
+        return build_and_load(lambda: cls(z_dim, widths), internal, f"{LAYOUT} generator")
+
     def load_layout_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load a state dict in the public (GAN Dissection) key layout."""
         self.load_state_dict({_to_internal(k): v for k, v in state_dict.items()}, strict=True)
@@ -97,6 +111,19 @@ class ProGANGenerator(LayeredGenerator):
     def layout_state_dict(self) -> dict[str, torch.Tensor]:
         """This model's weights under the public layout's key names."""
         return {_to_public(k): v for k, v in self.state_dict().items()}
+
+
+def infer_progan_sizes(state_dict: dict[str, torch.Tensor]) -> tuple[int, list[int]]:
+    """``(z_dim, widths)`` from a GAN-Dissection-layout state dict: ``layer1`` maps z to the
+    4x4 width, and every odd layer from ``layer3`` on opens a new resolution."""
+    try:
+        first = state_dict["layer1.conv.weight"]
+    except KeyError:
+        raise ValueError(f"not a {LAYOUT} state dict: no 'layer1.conv.weight'") from None
+    numbers = sorted(int(m[1]) for k in state_dict if (m := re.fullmatch(r"layer(\d+)\.conv\.weight", k)))
+    widths = [int(first.shape[0])] + [int(state_dict[f"layer{n}.conv.weight"].shape[0])
+                                      for n in numbers if n >= 3 and n % 2 == 1]
+    return int(first.shape[1]), widths
 
 
 class _FlatInput(nn.Module):
