@@ -1,0 +1,232 @@
+"""The hybrid encoder E = e_1 o ... o e_n o E_f, its file format, and where stage outputs live.
+
+API (used by reconstruction and evaluation code)::
+
+    from seeing.inversion.hybrid import HybridEncoder, load_hybrid_encoder
+
+    encoder = load_hybrid_encoder("runs/scenes_progan/hybrid/hybrid.pt", generator)  # eval mode, float32
+    z = encoder(images)              # images (B, 3, S, S) in [-1, 1] -> latents (B, *generator.latent_shape)
+    est = encoder.invert(images)     # {"layer4": r4_hat, "layer3": ..., "layer1": ..., "z": z_hat}
+    encoder.layers                   # ["layer1", ..., "layer4"]: the generator layers inverted one by one
+    encoder.target                   # "layer4": the layer E_f predicts (r_n)
+    encoder.meta                     # dict: model name, held-out scores, the command that made it
+
+``generator.run(est["layer4"], start="layer4")`` regenerates an image from the
+estimated r_n; ``generator(z)`` from the recovered latent.
+
+Files (``torch.load(path, weights_only=True)`` reads them; float tensors may be
+stored in half precision and are loaded as float32)::
+
+    {"format": "seeing.inversion/v1",
+     "kind": "hybrid" | "inverter" | "encoder",
+     "layers": [...],                                    # hybrid: inversion layers, first to last
+     "inverters": {layer: {"spec": {...}, "state_dict": {...}}},   # hybrid and inverter files
+     "encoder": {"spec": {...}, "state_dict": {...}},               # hybrid and encoder files
+     "meta": {...}}
+
+Stage outputs are found by convention at ``<run_root>/<model name>/<stage>/<stage>.pt``
+(``runs/scenes_progan/layer3/layer3.pt``); :func:`locate_stage_output` says which
+command makes a missing one.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from seeing.gans.layered import LATENT, LayeredGenerator
+from seeing.reporting import torch_save_atomic
+
+from .encoder import EncoderSpec, ImageEncoder, encoder_spec
+from .inverters import InverterSpec, LayerInverter, check_chain, inverter_spec, probe_shapes
+
+FORMAT = "seeing.inversion/v1"
+
+
+class HybridEncoder(nn.Module):
+    """Image -> r_n (E_f) -> r_{n-1} (e_n) -> ... -> z (e_1)."""
+
+    def __init__(self, image_encoder: ImageEncoder, inverters: Mapping[str, LayerInverter],
+                 meta: Mapping[str, Any] | None = None):
+        super().__init__()
+        # inverters keyed by the layer whose output they invert, first layer first
+        self.layers = list(inverters.keys())
+        self.target = image_encoder.spec.target
+        if not self.layers or self.layers[-1] != self.target:
+            raise ValueError(f"the image encoder predicts {self.target!r} but the last inverted layer is "
+                             f"{self.layers[-1] if self.layers else None!r}")
+        for i, name in enumerate(self.layers):
+            expected = self.layers[i - 1] if i else LATENT
+            if inverters[name].spec.target != expected:
+                raise ValueError(f"inverter of {name} predicts {inverters[name].spec.target!r}, "
+                                 f"expected {expected!r}")
+        self.image_encoder = image_encoder
+        self.inverters = nn.ModuleDict(dict(inverters))
+        self.meta = dict(meta or {})
+
+    def invert(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Estimates of every inverted layer's output and of the latent ("z")."""
+        r = self.image_encoder(image)
+        out = {self.target: r}
+        for name in reversed(self.layers):
+            r = self.inverters[name](r)
+            out[self.inverters[name].spec.target] = r
+        return out
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.invert(image)[LATENT]
+
+    def to_file_dict(self, half: bool = False) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "kind": "hybrid",
+            "layers": list(self.layers),
+            "inverters": {n: module_record(m, half) for n, m in self.inverters.items()},
+            "encoder": module_record(self.image_encoder, half),
+            "meta": dict(self.meta),
+        }
+
+
+# ------------------------------------------------------------------ records
+def module_record(module: LayerInverter | ImageEncoder, half: bool = False) -> dict[str, Any]:
+    """``{"spec", "state_dict"}`` for a module; ``half`` stores float weights as float16."""
+    state = {k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu().clone())
+             for k, v in module.state_dict().items()}
+    return {"spec": module.spec.to_dict(), "state_dict": state}
+
+
+def _float32_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+
+
+def inverter_from_record(record: Mapping[str, Any]) -> LayerInverter:
+    module = LayerInverter(InverterSpec.from_dict(record["spec"]))
+    module.load_state_dict(_float32_state(record["state_dict"]))
+    return module
+
+
+def encoder_from_record(record: Mapping[str, Any]) -> ImageEncoder:
+    module = ImageEncoder(EncoderSpec.from_dict(record["spec"]))
+    module.load_state_dict(_float32_state(record["state_dict"]))
+    return module
+
+
+def save_inversion_file(path: str | Path, kind: str, *, inverters: Mapping[str, nn.Module] | None = None,
+                        encoder: nn.Module | None = None, meta: Mapping[str, Any] | None = None,
+                        half: bool = False) -> Path:
+    """Write an inverter, encoder or hybrid file atomically (see the module docstring)."""
+    obj: dict[str, Any] = {"format": FORMAT, "kind": kind, "meta": dict(meta or {})}
+    if inverters:
+        obj["layers"] = list(inverters.keys())
+        obj["inverters"] = {n: module_record(m, half) for n, m in inverters.items()}
+    if encoder is not None:
+        obj["encoder"] = module_record(encoder, half)
+    return torch_save_atomic(obj, path)
+
+
+def read_inversion_file(path: str | Path, kind: str | None = None) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no inversion file at {path}")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} file (format={obj.get('format') if isinstance(obj, dict) else None!r})")
+    if kind is not None and obj.get("kind") != kind:
+        raise ValueError(f"{path} holds a {obj.get('kind')!r}, expected a {kind!r}")
+    return obj
+
+
+# ------------------------------------------------------------------ checks
+def check_against_generator(generator: LayeredGenerator, inverters: Mapping[str, LayerInverter] = (),
+                            encoder: ImageEncoder | None = None, source: str = "") -> None:
+    """Raise when a stored module was trained for a generator with other shapes or layer names."""
+    inverters = dict(inverters)
+    for name, inv in inverters.items():
+        expected = inverter_spec(generator, name, inv.spec.hidden_channels)
+        if (expected.target, expected.in_shape, expected.out_shape) != (
+                inv.spec.target, inv.spec.in_shape, inv.spec.out_shape):
+            raise ValueError(f"{source}: inverter of {name} maps {inv.spec.in_shape} -> {inv.spec.out_shape} "
+                             f"({inv.spec.target}), but this generator needs {expected.in_shape} -> "
+                             f"{expected.out_shape} ({expected.target}): it was trained for another model")
+    if encoder is not None:
+        shape = probe_shapes(generator, [encoder.spec.target])[encoder.spec.target]
+        if tuple(shape) != tuple(encoder.spec.out_shape) or generator.resolution != encoder.spec.image_size:
+            raise ValueError(f"{source}: the image encoder maps {encoder.spec.image_size}px images to "
+                             f"{encoder.spec.out_shape} but this generator makes {generator.resolution}px images "
+                             f"and {encoder.spec.target} is {shape}: it was trained for another model")
+
+
+def load_hybrid_encoder(path: str | Path, generator: LayeredGenerator | None = None,
+                        map_location: str | torch.device = "cpu") -> HybridEncoder:
+    """A :class:`HybridEncoder` from a hybrid file, in eval mode; checked against ``generator`` if given."""
+    obj = read_inversion_file(path, "hybrid")
+    inverters = {n: inverter_from_record(obj["inverters"][n]) for n in obj["layers"]}
+    encoder = encoder_from_record(obj["encoder"])
+    if generator is not None:
+        check_chain(generator, list(inverters))
+        check_against_generator(generator, inverters, encoder, source=str(path))
+    model = HybridEncoder(encoder, inverters, meta=obj.get("meta"))
+    return model.to(map_location).eval()
+
+
+def new_hybrid_encoder(generator: LayeredGenerator, layers: Sequence[str], encoder_stages: int | str = "auto",
+                       hidden_channels: int | None = None) -> HybridEncoder:
+    """A randomly initialised hybrid encoder for ``generator`` (used by tests and from-scratch runs)."""
+    check_chain(generator, layers)
+    inverters = {n: LayerInverter(inverter_spec(generator, n, hidden_channels)) for n in layers}
+    shape = probe_shapes(generator, [layers[-1]])[layers[-1]]
+    encoder = ImageEncoder(encoder_spec(generator.resolution, shape, layers[-1], encoder_stages))
+    return HybridEncoder(encoder, inverters)
+
+
+# ------------------------------------------------------------------ stage outputs
+def stage_output_path(run_root: str | Path, model_name: str, stage: str) -> Path:
+    """Where stage ``stage`` of model ``model_name`` writes its file by convention."""
+    return Path(run_root) / model_name / stage / f"{stage}.pt"
+
+
+def locate_stage_output(run_root: str | Path, model_name: str, stage: str) -> Path:
+    """The conventional output of a stage, or a FileNotFoundError naming the command that makes it."""
+    path = stage_output_path(run_root, model_name, stage)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"missing the output of stage {stage!r} for model {model_name!r}: expected {path}. "
+            f"Make it with `python train.py model={model_name} stage={stage} paths.run_root={run_root}`, "
+            f"or name an existing file with `stage.module.stage_files.{stage}=/path/to/{stage}.pt`."
+        )
+    return path
+
+
+def assemble_hybrid_encoder(generator: LayeredGenerator, layers: Sequence[str], run_root: str | Path,
+                            model_name: str, stage_files: Mapping[str, str | Path] | None = None) -> HybridEncoder:
+    """E from the per-stage files: ``layer1 ... layer<n>`` inverters and the ``encoder``.
+
+    ``stage_files`` maps stage names to explicit files; the rest are found by convention.
+    """
+    layers = list(layers)
+    check_chain(generator, layers)
+    stage_files = dict(stage_files or {})
+
+    def find(stage: str) -> Path:
+        if stage_files.get(stage):
+            p = Path(stage_files[stage])
+            if not p.is_file():
+                raise FileNotFoundError(f"stage file for {stage!r} given as {p} does not exist")
+            return p
+        return locate_stage_output(run_root, model_name, stage)
+
+    inverters: dict[str, LayerInverter] = {}
+    for i, name in enumerate(layers, start=1):
+        path = find(f"layer{i}")
+        obj = read_inversion_file(path, "inverter")
+        if name not in obj["inverters"]:
+            raise ValueError(f"{path} inverts {list(obj['inverters'])}, not {name!r}")
+        inverters[name] = inverter_from_record(obj["inverters"][name])
+    path = find("encoder")
+    encoder = encoder_from_record(read_inversion_file(path, "encoder")["encoder"])
+    if encoder.spec.target != layers[-1]:
+        raise ValueError(f"{path} predicts {encoder.spec.target!r}, but the hybrid needs {layers[-1]!r}")
+    check_against_generator(generator, inverters, encoder, source=f"stages under {run_root}/{model_name}")
+    return HybridEncoder(encoder, inverters, meta={"model": model_name})

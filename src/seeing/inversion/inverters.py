@@ -1,0 +1,143 @@
+"""Layer inverters e_N: from layer N's output r_N back to layer N-1's output r_{N-1}.
+
+The architecture follows the paper: pixel norm, two 3x3 conv + BatchNorm + leaky
+ReLU blocks, then one 1x1 conv back to the previous layer's channels, strided where
+the generator layer upsampled. The inverter of the first layer ends instead with a
+conv covering the whole map (4x4 -> 1x1) and returns a pixel-normalised latent.
+
+Shapes are not configured by hand: :func:`probe_shapes` runs one latent through the
+generator and reads every activation's shape, so the same builder serves every
+layout of the zoo.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from seeing.gans.layered import LATENT, LayeredGenerator
+
+from .values import feature_tensor
+
+
+class PixelNorm(nn.Module):
+    """Scale every location's channel vector to unit root-mean-square."""
+
+    def __init__(self, eps: float = 1e-8):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps)
+
+
+def conv_bn_lrelu(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2)]
+
+
+@dataclass(frozen=True)
+class InverterSpec:
+    """Everything needed to rebuild an inverter (stored next to its weights)."""
+
+    layer: str  # the generator layer whose output is inverted (r_N)
+    target: str  # the layer before it, or "z" (r_{N-1})
+    in_shape: tuple[int, ...]  # r_N without batch: (C, H, W)
+    out_shape: tuple[int, ...]  # r_{N-1} without batch: (C, H, W), or (D,) for a flat latent
+    hidden_channels: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InverterSpec":
+        return cls(
+            layer=d["layer"], target=d["target"], in_shape=tuple(d["in_shape"]),
+            out_shape=tuple(d["out_shape"]), hidden_channels=int(d["hidden_channels"]),
+        )
+
+
+class LayerInverter(nn.Module):
+    """e_N as in the paper; maps a batch shaped ``(B, *spec.in_shape)`` to ``(B, *spec.out_shape)``."""
+
+    def __init__(self, spec: InverterSpec):
+        super().__init__()
+        self.spec = spec
+        if len(spec.in_shape) != 3:
+            raise ValueError(f"inverter of {spec.layer}: expected a (C, H, W) feature map, got {spec.in_shape}")
+        cin, hin, win = spec.in_shape
+        hidden = spec.hidden_channels
+        body: list[tuple[str, nn.Module]] = [("pixnorm", PixelNorm())]
+        body += list(zip(("conv1", "bn1", "relu1"), conv_bn_lrelu(cin, hidden)))
+        body += list(zip(("conv2", "bn2", "relu2"), conv_bn_lrelu(hidden, hidden)))
+        self.flat_output = len(spec.out_shape) == 1
+        if self.flat_output:
+            # the map collapses to the latent vector: one conv spanning the whole map
+            body.append(("to_latent", nn.Conv2d(hidden, spec.out_shape[0], (hin, win))))
+        else:
+            cout, hout, wout = spec.out_shape
+            if hin % hout or win % wout or hin // hout != win // wout:
+                raise ValueError(
+                    f"inverter of {spec.layer}: cannot map a {hin}x{win} map to {hout}x{wout} "
+                    "with a strided 1x1 conv (sizes must divide evenly)"
+                )
+            body.append(("to_previous", nn.Conv2d(hidden, cout, 1, stride=hin // hout)))
+        self.net = nn.Sequential(OrderedDict(body))
+        self.out_norm = PixelNorm() if self.flat_output else nn.Identity()
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        y = self.net(r)
+        if self.flat_output:
+            y = self.out_norm(y).flatten(1)
+        return y
+
+
+def previous_layer(generator: LayeredGenerator, name: str) -> str:
+    """The name of the value that feeds ``name`` ("z" for the first layer)."""
+    i = generator.index(name)
+    if i == 0:
+        raise ValueError("the latent has no inverter: name a generator layer")
+    return generator.layer_names[i - 2] if i >= 2 else LATENT
+
+
+@torch.no_grad()
+def probe_shapes(generator: LayeredGenerator, names: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """Shape (without batch) of each named value, read off one generated sample."""
+    names = list(names)
+    device = next((p.device for p in generator.parameters()), torch.device("cpu"))
+    was_training = generator.training
+    generator.eval()
+    try:
+        z = generator.sample_z(2, seed=0, device=device)
+        feats = generator.features(z, names)
+    finally:
+        generator.train(was_training)
+    return {n: tuple(feature_tensor(feats[n]).shape[1:]) for n in names}
+
+
+def inverter_spec(generator: LayeredGenerator, layer: str, hidden_channels: int | None = None) -> InverterSpec:
+    target = previous_layer(generator, layer)
+    shapes = probe_shapes(generator, [target, layer])
+    in_shape, out_shape = shapes[layer], shapes[target]
+    hidden = hidden_channels or max(in_shape[0], out_shape[0])
+    return InverterSpec(layer=layer, target=target, in_shape=in_shape, out_shape=out_shape,
+                        hidden_channels=int(hidden))
+
+
+def build_layer_inverter(
+    generator: LayeredGenerator, layer: str, hidden_channels: int | None = None
+) -> LayerInverter:
+    """e_N for ``layer`` with channel counts and resolutions read from ``generator``."""
+    return LayerInverter(inverter_spec(generator, layer, hidden_channels))
+
+
+def check_chain(generator: LayeredGenerator, layers: Sequence[str]) -> None:
+    """The inversion layers must be the generator's first layers, in order."""
+    expected = generator.layer_names[: len(layers)]
+    if list(layers) != expected:
+        raise ValueError(
+            f"inversion_layers must be the generator's first layers in order: got {list(layers)}, "
+            f"the generator starts with {expected}"
+        )
