@@ -1,0 +1,43 @@
+"""Shared test fixtures: Hydra composition against the repo's own conf/, offline W&B."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_DISABLE_GIT", "true")
+
+
+def compose_config(config_name: str, overrides: list[str], run_root: Path | None = None):
+    """Compose ``conf/<config_name>.yaml`` as the entry points do (with the hydra node, so
+    ``${hydra:...}`` interpolations resolve) and point every output at ``run_root``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    extra = [f"paths.run_root={run_root}", f"paths.cache_dir={run_root}/cache"] if run_root else []
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=extra + list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture
+def compose(tmp_path):
+    """``compose("train", ["stage=layer1", ...])`` with outputs under the test's tmp dir."""
+
+    def _compose(config_name: str, overrides: list[str] | None = None):
+        return compose_config(config_name, overrides or [], run_root=tmp_path / "runs")
+
+    return _compose
