@@ -7,12 +7,17 @@ API (used by reconstruction and evaluation code)::
     encoder = load_hybrid_encoder("runs/scenes_progan/hybrid/hybrid.pt", generator)  # eval mode, float32
     z = encoder(images)              # images (B, 3, S, S) in [-1, 1] -> latents (B, *generator.latent_shape)
     est = encoder.invert(images)     # {"layer4": r4_hat, "layer3": ..., "layer1": ..., "z": z_hat}
+    x_rec = encoder.generate(generator, z)   # G(E(x)): the image regenerated from the latent
     encoder.layers                   # ["layer1", ..., "layer4"]: the generator layers inverted one by one
     encoder.target                   # "layer4": the layer E_f predicts (r_n)
+    encoder.latent_name              # "z"; "mapping" for style-based models (the latent is w+)
     encoder.meta                     # dict: model name, held-out scores, the command that made it
 
 ``generator.run(est["layer4"], start="layer4")`` regenerates an image from the
-estimated r_n; ``generator(z)`` from the recovered latent.
+estimated r_n. For ProGAN-like models ``encoder.generate(generator, z)`` is
+``generator(z)``; for style-based ones the latent is w+ ``(B, num_ws, w_dim)``, ``est``
+also holds it under "mapping", and ``generate`` renders it from after the mapping.
+Estimates of styled layers are their feature maps (see :mod:`seeing.inversion.values`).
 
 Files (``torch.load(path, weights_only=True)`` reads them; float tensors may be
 stored in half precision and are loaded as float32)::
@@ -41,9 +46,25 @@ from seeing.reporting import torch_save_atomic
 
 from .encoder import EncoderSpec, ImageEncoder, encoder_spec
 from .inverters import InverterSpec, LayerInverter, check_chain, inverter_spec, probe_shapes
+from .values import batch_template, value_from_tensor
 
 FORMAT = "seeing.inversion/v1"
 
+
+@torch.no_grad()
+def latent_value(generator: LayeredGenerator, latent_name: str, t: torch.Tensor):
+    """What ``generator.run(..., start=latent_name)`` consumes for the latent tensor ``t``."""
+    if latent_name == LATENT:
+        return t
+    device = next((p.device for p in generator.parameters()), torch.device("cpu"))
+    probe = generator.features(generator.sample_z(1, device=device), [latent_name])[latent_name]
+    return value_from_tensor(batch_template(probe), t)
+
+
+def generate_from_latent(generator: LayeredGenerator, latent_name: str, t: torch.Tensor,
+                         stop: str | None = None):
+    """Run the generator from a latent tensor (z, or w+ after ``mapping``) up to ``stop``."""
+    return generator.run(latent_value(generator, latent_name, t), start=latent_name, stop=stop)
 
 class HybridEncoder(nn.Module):
     """Image -> r_n (E_f) -> r_{n-1} (e_n) -> ... -> z (e_1)."""
@@ -64,6 +85,7 @@ class HybridEncoder(nn.Module):
                                  f"expected {expected!r}")
         self.image_encoder = image_encoder
         self.inverters = nn.ModuleDict(dict(inverters))
+        self.latent_name = inverters[self.layers[0]].spec.target
         self.meta = dict(meta or {})
 
     def invert(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -73,10 +95,15 @@ class HybridEncoder(nn.Module):
         for name in reversed(self.layers):
             r = self.inverters[name](r)
             out[self.inverters[name].spec.target] = r
+        out[LATENT] = r
         return out
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.invert(image)[LATENT]
+
+    def generate(self, generator: LayeredGenerator, z: torch.Tensor, stop: str | None = None):
+        """G(z) for a latent this encoder produced (the image, or layer ``stop``'s output)."""
+        return generate_from_latent(generator, self.latent_name, z, stop)
 
     def to_file_dict(self, half: bool = False) -> dict[str, Any]:
         return {

@@ -3,7 +3,10 @@
 The architecture follows the paper: pixel norm, two 3x3 conv + BatchNorm + leaky
 ReLU blocks, then one 1x1 conv back to the previous layer's channels, strided where
 the generator layer upsampled. The inverter of the first layer ends instead with a
-conv covering the whole map (4x4 -> 1x1) and returns a pixel-normalised latent.
+conv covering the whole map (4x4 -> 1x1) and returns the latent: a pixel-normalised
+z (a Gaussian z in D dimensions has norm close to sqrt(D), so only its direction is
+unknown), or, for a style-based model, the w+ rows (not normalised: w lives in the
+mapping network's output space).
 
 Shapes are not configured by hand: :func:`probe_shapes` runs one latent through the
 generator and reads every activation's shape, so the same builder serves every
@@ -11,6 +14,7 @@ layout of the zoo.
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
@@ -45,8 +49,9 @@ class InverterSpec:
     layer: str  # the generator layer whose output is inverted (r_N)
     target: str  # the layer before it, or "z" (r_{N-1})
     in_shape: tuple[int, ...]  # r_N without batch: (C, H, W)
-    out_shape: tuple[int, ...]  # r_{N-1} without batch: (C, H, W), or (D,) for a flat latent
+    out_shape: tuple[int, ...]  # r_{N-1} without batch: (C, H, W), (D,) for z, (L, D) for w+
     hidden_channels: int
+    normalize_output: bool = False  # pixel-normalise a predicted Gaussian z
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,6 +61,7 @@ class InverterSpec:
         return cls(
             layer=d["layer"], target=d["target"], in_shape=tuple(d["in_shape"]),
             out_shape=tuple(d["out_shape"]), hidden_channels=int(d["hidden_channels"]),
+            normalize_output=bool(d.get("normalize_output", False)),
         )
 
 
@@ -72,10 +78,10 @@ class LayerInverter(nn.Module):
         body: list[tuple[str, nn.Module]] = [("pixnorm", PixelNorm())]
         body += list(zip(("conv1", "bn1", "relu1"), conv_bn_lrelu(cin, hidden)))
         body += list(zip(("conv2", "bn2", "relu2"), conv_bn_lrelu(hidden, hidden)))
-        self.flat_output = len(spec.out_shape) == 1
-        if self.flat_output:
-            # the map collapses to the latent vector: one conv spanning the whole map
-            body.append(("to_latent", nn.Conv2d(hidden, spec.out_shape[0], (hin, win))))
+        self.latent_output = len(spec.out_shape) != 3
+        if self.latent_output:
+            # the map collapses to the latent: one conv spanning the whole map
+            body.append(("to_latent", nn.Conv2d(hidden, math.prod(spec.out_shape), (hin, win))))
         else:
             cout, hout, wout = spec.out_shape
             if hin % hout or win % wout or hin // hout != win // wout:
@@ -85,12 +91,12 @@ class LayerInverter(nn.Module):
                 )
             body.append(("to_previous", nn.Conv2d(hidden, cout, 1, stride=hin // hout)))
         self.net = nn.Sequential(OrderedDict(body))
-        self.out_norm = PixelNorm() if self.flat_output else nn.Identity()
+        self.out_norm = PixelNorm() if spec.normalize_output else nn.Identity()
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
-        y = self.net(r)
-        if self.flat_output:
-            y = self.out_norm(y).flatten(1)
+        y = self.out_norm(self.net(r))
+        if self.latent_output:
+            y = y.reshape(y.shape[0], *self.spec.out_shape)
         return y
 
 
@@ -123,7 +129,7 @@ def inverter_spec(generator: LayeredGenerator, layer: str, hidden_channels: int 
     in_shape, out_shape = shapes[layer], shapes[target]
     hidden = hidden_channels or max(in_shape[0], out_shape[0])
     return InverterSpec(layer=layer, target=target, in_shape=in_shape, out_shape=out_shape,
-                        hidden_channels=int(hidden))
+                        hidden_channels=int(hidden), normalize_output=target == LATENT)
 
 
 def build_layer_inverter(
@@ -133,11 +139,20 @@ def build_layer_inverter(
     return LayerInverter(inverter_spec(generator, layer, hidden_channels))
 
 
-def check_chain(generator: LayeredGenerator, layers: Sequence[str]) -> None:
-    """The inversion layers must be the generator's first layers, in order."""
-    expected = generator.layer_names[: len(layers)]
-    if list(layers) != expected:
-        raise ValueError(
-            f"inversion_layers must be the generator's first layers in order: got {list(layers)}, "
-            f"the generator starts with {expected}"
-        )
+def check_chain(generator: LayeredGenerator, layers: Sequence[str]) -> str:
+    """The inversion layers must be consecutive generator layers; returns the latent they end at.
+
+    That latent is "z" when the chain starts at the first layer, or the layer before the
+    chain (``mapping`` for style-based models, whose inversion searches w+).
+    """
+    layers = list(layers)
+    if not layers:
+        raise ValueError("inversion_layers is empty")
+    for name in layers:
+        generator.index(name)  # a clear KeyError for unknown names
+    begin = generator.index(layers[0])
+    expected = generator.layer_names[begin - 1: begin - 1 + len(layers)]
+    if layers != expected:
+        raise ValueError(f"inversion_layers must be consecutive generator layers: got {layers}, "
+                         f"the generator has {expected} from {layers[0]} on")
+    return previous_layer(generator, layers[0])

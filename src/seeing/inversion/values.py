@@ -1,10 +1,15 @@
 """The activations that flow between generator layers, seen as tensors.
 
 ProGAN-like layouts pass plain tensors. Style-based layouts pass a
-``StyledState(x, ws)`` named tuple: the feature map ``x`` plus the per-layer styles
-``ws`` that later layers consume. Inverters compare and predict the feature map;
-these helpers take it out and put a new one back, so stage code never branches on
-the layout.
+``StyledState(x, ws, image)`` named tuple (:mod:`seeing.gans.stylegan_common`): the
+feature map ``x`` plus the w+ styles ``ws`` that later layers consume. Right after
+the ``mapping`` layer ``x`` is None and the state *is* w+, the latent that
+inversion searches for a style-based model.
+
+Inverters compare and predict one tensor per value: the feature map, or w+ for a
+state that has no feature map yet. These helpers take that tensor out and put a
+new one back (styles and skip images are carried over from the state given), so
+stage code never branches on the layout.
 """
 from __future__ import annotations
 
@@ -14,19 +19,38 @@ import torch
 
 
 def feature_tensor(value: Any) -> torch.Tensor:
-    """The tensor that represents ``value``: itself, or the feature map of a styled state."""
+    """The tensor inverted for ``value``: itself, a styled state's feature map, or its w+."""
     if torch.is_tensor(value):
         return value
-    x = getattr(value, "x", None)
-    if torch.is_tensor(x):
-        return x
+    if hasattr(value, "_fields") and "ws" in value._fields:
+        return value.x if value.x is not None else value.ws
     raise TypeError(f"cannot read a feature tensor from a {type(value).__name__}")
 
 
-def with_feature(value: Any, x: torch.Tensor) -> Any:
-    """``value`` with its feature tensor replaced by ``x`` (a styled state keeps its styles)."""
+def with_feature(value: Any, t: torch.Tensor) -> Any:
+    """``value`` with its feature tensor (see :func:`feature_tensor`) replaced by ``t``."""
     if torch.is_tensor(value):
-        return x
-    if hasattr(value, "_replace"):
-        return value._replace(x=x)
+        return t
+    if hasattr(value, "_fields") and "ws" in value._fields:
+        return value._replace(ws=t) if value.x is None else value._replace(x=t)
     raise TypeError(f"cannot replace the feature tensor of a {type(value).__name__}")
+
+
+def batch_template(value: Any) -> Any:
+    """A batch-size-free template of ``value`` for rebuilding latents from tensors.
+
+    Only the structure matters: a plain tensor becomes None (the latent *is* the tensor),
+    a styled state right after the mapping keeps its type with tensors dropped.
+    """
+    if torch.is_tensor(value):
+        return None
+    if hasattr(value, "_fields") and "ws" in value._fields:
+        if value.x is not None:
+            raise ValueError("a latent must be a tensor or a styled state without a feature map")
+        return type(value)(None, value.ws[:0])
+    raise TypeError(f"cannot use a {type(value).__name__} as a latent")
+
+
+def value_from_tensor(template: Any, t: torch.Tensor) -> Any:
+    """The latent value for tensor ``t`` given a :func:`batch_template` (None: the tensor itself)."""
+    return t if template is None else with_feature(template, t)
