@@ -1,0 +1,365 @@
+"""Image sources for tallies: where the real and the generated images of an FSD come from.
+
+A source yields batches of images (``B x 3 x R x R`` float32 in [-1, 1]) for a sample
+``[offset, offset + n)`` of its images at a requested resolution, plus ground-truth
+label maps when it knows them (the scenes world does). Sources are built from the
+``real=`` / ``fake=`` config groups:
+
+- :class:`ScenesSource`: the embedded scenes world, optionally with classes dropped;
+- :class:`ImageFolderSource`: every image file under a folder (recursive);
+- :class:`LSUNSource`: an LSUN lmdb database in torchvision's layout (values are
+  encoded images);
+- :class:`GeneratorSource`: samples of a :class:`~seeing.gans.layered.LayeredGenerator`.
+
+Files that cannot be read or decoded are skipped, counted (``source.skipped``) and
+logged, never fatal: one bad JPEG must not end a tally of 10,000 images. A source
+that holds no images at all is an error.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # B x 3 x R x R in [-1, 1]
+    labels: torch.Tensor | None = None  # B x R x R ground truth, when the source knows it
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (item, reason) dropped from this batch
+
+
+class EmptySourceError(ValueError):
+    """A source that has no images to give."""
+
+
+class ImageSource:
+    """Base: a named, seeded sequence of images. Subclasses implement :meth:`_batches`."""
+
+    kind = "source"
+    has_labels = False
+
+    def __init__(self, name: str | None = None, seed: int = 0, offset: int = 0, num_workers: int = 0):
+        self.name = name or self.kind
+        self.seed, self.offset, self.num_workers = int(seed), int(offset), int(num_workers)
+        self.skipped: list[tuple[str, str]] = []
+
+    def identity(self) -> dict[str, Any]:
+        """What the images depend on; part of the tally cache key."""
+        return {"kind": self.kind, "seed": self.seed, "offset": self.offset}
+
+    def describe(self) -> str:
+        return self.name
+
+    def batches(
+        self, n: int, batch_size: int, resolution: int, extra_offset: int = 0, device: torch.device | str = "cpu"
+    ) -> Iterator[Batch]:
+        """Images ``[offset + extra_offset, ... + n)`` of this source in batches. ``extra_offset``
+        draws a sample disjoint from the default one (the real-vs-real baseline)."""
+        if n <= 0 or batch_size <= 0:
+            raise ValueError(f"n and batch_size must be positive, got n={n}, batch_size={batch_size}")
+        for batch in self._batches(n, batch_size, resolution, self.offset + extra_offset, torch.device(device)):
+            for item, reason in batch.skipped:
+                log.warning("%s: skipped %s (%s)", self.name, item, reason)
+            self.skipped.extend(batch.skipped)
+            yield batch
+
+    def _batches(self, n, batch_size, resolution, start, device) -> Iterator[Batch]:
+        raise NotImplementedError
+
+
+def _resize_square(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    if images.shape[-1] == resolution and images.shape[-2] == resolution:
+        return images
+    return F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+
+
+# ---------------------------------------------------------------------------- scenes world
+
+
+class ScenesSource(ImageSource):
+    """The scenes world ``seed``, images ``offset ...``; ``drop`` removes classes from a
+    ``drop_fraction`` of images. Provides exact label maps (the "oracle" segmentation)."""
+
+    kind = "scenes"
+    has_labels = True
+
+    def __init__(
+        self,
+        name: str | None = None,
+        seed: int = 0,
+        offset: int = 0,
+        drop: Sequence[str] = (),
+        drop_fraction: float = 1.0,
+        num_workers: int = 0,
+    ):
+        super().__init__(name, seed, offset, num_workers)
+        from seeing.data.scenes import ScenesDataset
+
+        self.drop, self.drop_fraction = tuple(drop), float(drop_fraction)
+        ScenesDataset(1, drop=self.drop, drop_fraction=self.drop_fraction)  # validates class names early
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "drop": list(self.drop), "drop_fraction": self.drop_fraction}
+
+    def describe(self) -> str:
+        if not self.drop:
+            return self.name
+        return f"{self.name} (drop {', '.join(self.drop)} from {self.drop_fraction:.0%} of images)"
+
+    def _batches(self, n, batch_size, resolution, start, device):
+        from seeing.data.scenes import ScenesDataset
+
+        ds = ScenesDataset(n, resolution, self.seed, self.drop, self.drop_fraction, offset=start)
+        loader = DataLoader(ds, batch_size=batch_size, num_workers=self.num_workers)
+        for images, labels in loader:
+            yield Batch(images.to(device), labels.to(device))
+
+
+# ---------------------------------------------------------------------------- decoded files
+
+
+def _to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
+    """Resize the shorter side to ``resolution``, centre-crop square, -> 3 x R x R in [-1, 1]."""
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def _decode(data: bytes | str | Path, resolution: int) -> torch.Tensor:
+    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+        img.load()  # decode now, so truncated files fail here and not later
+        return _to_tensor(img, resolution)
+
+
+class _DecodeDataset(Dataset):
+    """Items are decoded lazily; a failure returns the reason instead of raising."""
+
+    def __init__(self, items: Sequence[Any], resolution: int, read):
+        self.items, self.resolution, self.read = list(items), resolution, read
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        try:
+            return self.read(item, self.resolution), str(item)
+        except Exception as e:  # any unreadable or undecodable file is skipped, never fatal
+            return None, f"{item}\t{type(e).__name__}: {e}"
+
+
+def _collate_decoded(samples):
+    good = [img for img, _ in samples if img is not None]
+    skipped = [tuple(info.split("\t", 1)) for img, info in samples if img is None]
+    return (torch.stack(good) if good else None), skipped
+
+
+def _decoded_batches(items, batch_size, resolution, read, device, num_workers):
+    loader = DataLoader(
+        _DecodeDataset(items, resolution, read),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate_decoded,
+    )
+    for images, skipped in loader:
+        if images is None:
+            images = torch.empty(0, 3, resolution, resolution)
+        yield Batch(images.to(device), None, skipped)
+
+
+def _select(count: int, n: int, start: int, seed: int | None) -> np.ndarray:
+    """Positions ``[start, start + n)`` of a seeded permutation of ``count`` items (or in order)."""
+    order = np.arange(count) if seed is None else np.random.default_rng(seed).permutation(count)
+    chosen = order[start : start + n]
+    if len(chosen) < n:
+        log.warning("asked for %d images from position %d but the source holds %d: using %d", n, start, count,
+                    len(chosen))
+    return chosen
+
+
+class ImageFolderSource(ImageSource):
+    """Image files found recursively under ``path``. With ``shuffle`` the sample is a seeded
+    random subset; otherwise files are taken in sorted order."""
+
+    kind = "folder"
+
+    def __init__(
+        self,
+        path: str,
+        name: str | None = None,
+        seed: int = 0,
+        offset: int = 0,
+        shuffle: bool = True,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        num_workers: int = 0,
+    ):
+        super().__init__(name, seed, offset, num_workers)
+        self.path = Path(os.path.expanduser(str(path)))
+        self.shuffle = bool(shuffle)
+        self.extensions = tuple(e.lower() for e in extensions)
+        self._files: list[Path] | None = None
+
+    def files(self) -> list[Path]:
+        if self._files is None:
+            if not self.path.is_dir():
+                raise FileNotFoundError(f"image folder {self.path} does not exist or is not a directory")
+            self._files = sorted(p for p in self.path.rglob("*") if p.suffix.lower() in self.extensions and p.is_file())
+            if not self._files:
+                raise EmptySourceError(f"no image files ({', '.join(self.extensions)}) under {self.path}")
+        return self._files
+
+    def identity(self) -> dict[str, Any]:
+        files = self.files()
+        latest = max(p.stat().st_mtime_ns for p in files)
+        return {**super().identity(), "path": str(self.path.resolve()), "shuffle": self.shuffle,
+                "files": len(files), "latest_mtime_ns": latest}
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.path})"
+
+    def _batches(self, n, batch_size, resolution, start, device):
+        files = self.files()
+        chosen = [files[i] for i in _select(len(files), n, start, self.seed if self.shuffle else None)]
+        yield from _decoded_batches(chosen, batch_size, resolution, _decode, device, self.num_workers)
+
+
+class _LSUNReader:
+    """Reads values of an lmdb environment by key; opens the environment lazily (once per worker)."""
+
+    def __init__(self, path: Path):
+        self.path, self.env = path, None
+
+    def __call__(self, key: bytes, resolution: int) -> torch.Tensor:
+        if self.env is None:
+            self.env = _open_lmdb(self.path)
+        with self.env.begin(write=False) as txn:
+            data = txn.get(key)
+        if data is None:
+            raise KeyError(f"key {key!r} vanished from {self.path}")
+        return _decode(bytes(data), resolution)
+
+    def __getstate__(self):
+        return {"path": self.path, "env": None}
+
+
+def _open_lmdb(path: Path):
+    import lmdb
+
+    return lmdb.open(str(path), max_readers=64, readonly=True, lock=False, readahead=False, meminit=False)
+
+
+class LSUNSource(ImageSource):
+    """An LSUN category database (e.g. ``church_outdoor_train_lmdb``): the layout torchvision's
+    ``LSUN`` reads, an lmdb environment whose values are encoded images (webp/jpeg)."""
+
+    kind = "lsun"
+
+    def __init__(
+        self,
+        path: str,
+        name: str | None = None,
+        seed: int = 0,
+        offset: int = 0,
+        shuffle: bool = True,
+        num_workers: int = 0,
+    ):
+        super().__init__(name, seed, offset, num_workers)
+        self.path = Path(os.path.expanduser(str(path)))
+        self.shuffle = bool(shuffle)
+        self._keys: list[bytes] | None = None
+
+    def keys(self) -> list[bytes]:
+        if self._keys is None:
+            if not (self.path / "data.mdb").is_file():
+                raise FileNotFoundError(f"no LSUN lmdb database at {self.path} (expected {self.path / 'data.mdb'})")
+            env = _open_lmdb(self.path)
+            try:
+                with env.begin(write=False) as txn:
+                    self._keys = [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
+            finally:
+                env.close()
+            if not self._keys:
+                raise EmptySourceError(f"LSUN database {self.path} holds no images")
+        return self._keys
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "path": str(self.path.resolve()), "shuffle": self.shuffle,
+                "entries": len(self.keys()), "mtime_ns": (self.path / "data.mdb").stat().st_mtime_ns}
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.path})"
+
+    def _batches(self, n, batch_size, resolution, start, device):
+        keys = self.keys()
+        chosen = [keys[i] for i in _select(len(keys), n, start, self.seed if self.shuffle else None)]
+        yield from _decoded_batches(chosen, batch_size, resolution, _LSUNReader(self.path), device, self.num_workers)
+
+
+# ---------------------------------------------------------------------------- generator samples
+
+
+class GeneratorSource(ImageSource):
+    """Samples of a generator: latents ``sample_z(offset + n, seed)[offset:]`` through ``generator(z)``.
+
+    ``generator`` is a config with a ``_target_`` building a LayeredGenerator (e.g.
+    ``${model.generator}``); it is built on first use, so a cached tally never loads it.
+    """
+
+    kind = "generator"
+
+    def __init__(self, generator: Any, name: str | None = None, seed: int = 0, offset: int = 0, num_workers: int = 0):
+        super().__init__(name, seed, offset, num_workers)
+        self.generator_cfg = generator
+        self._generator = None
+
+    def identity(self) -> dict[str, Any]:
+        cfg = self.generator_cfg
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        ident = {**super().identity(), "generator": cfg if isinstance(cfg, dict) else repr(cfg)}
+        source = cfg.get("source") if isinstance(cfg, dict) else None
+        if isinstance(source, str) and Path(source).is_file():  # the weights changed -> new samples
+            st = Path(source).stat()
+            ident["weights"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return ident
+
+    def generator(self):
+        if self._generator is None:
+            if isinstance(self.generator_cfg, torch.nn.Module):
+                self._generator = self.generator_cfg
+            else:
+                import hydra
+
+                self._generator = hydra.utils.instantiate(self.generator_cfg)
+            self._generator.eval()
+        return self._generator
+
+    @torch.no_grad()
+    def _batches(self, n, batch_size, resolution, start, device):
+        gen = self.generator().to(device)
+        z_all = gen.sample_z(start + n, self.seed)[start:]
+        for i in range(0, n, batch_size):
+            images = gen(z_all[i : i + batch_size].to(device)).clamp(-1, 1)
+            yield Batch(_resize_square(images.float(), resolution))

@@ -1,0 +1,1 @@
+"""Evaluation jobs run by ``python evaluate.py metric=<name>``; each module offers ``run(cfg)``."""
