@@ -1,0 +1,423 @@
+"""The training stages of layer-wise inversion, one LightningModule each.
+
+* ``stage=layerN`` -> :class:`LayerInverterStage`: e_N with r_{N-1} ~ e_N(r_N);
+* ``stage=encoder`` -> :class:`ImageEncoderStage`: E_f from generated images to r_n;
+* ``stage=hybrid`` -> :class:`HybridStage`: E = e_1 o ... o e_n o E_f assembled from the
+  stage files and fine-tuned end to end.
+
+They share :class:`InversionStage`: the frozen generator, an endless stream of
+latents drawn on the fly (batch ``k`` of a run is ``generator.sample_z(B, seed(k))``,
+so a resumed run continues the same stream), a fixed held-out set of latents for
+validation, correlation metrics on it, image grids of G(z) next to its
+reconstruction, optimisation, and the export of the stage's file.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torchmetrics import MeanMetric, MeanSquaredError
+
+from seeing.gans.layered import LATENT, LayeredGenerator
+from seeing.reporting import save_figure, write_json
+
+from .correlation import MeanCorrelation, correlation_error
+from .encoder import ImageEncoder, encoder_spec
+from .hybrid import assemble_hybrid_encoder, save_inversion_file
+from .inverters import check_chain, inverter_spec, LayerInverter, probe_shapes
+from .values import feature_tensor, with_feature
+
+log = logging.getLogger(__name__)
+
+# Training batch k draws its latents with seed TRAIN_SEED_BASE * (train_seed + 1) + k; the
+# held-out set uses seed val_seed, far below, so training never sees a held-out latent.
+TRAIN_SEED_BASE = 1_000_000_007
+
+
+class LatentStream(IterableDataset):
+    """Endless batches of latents: batch ``k`` is ``sample_z(batch_size, first_seed + k)``."""
+
+    def __init__(self, generator: LayeredGenerator, batch_size: int, first_seed: int, start: int = 0):
+        super().__init__()
+        self.sample_z = generator.sample_z  # uses only the latent shape; no weights are touched
+        self.batch_size, self.first_seed, self.start = int(batch_size), int(first_seed), int(start)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        k = self.start
+        while True:
+            yield self.sample_z(self.batch_size, seed=self.first_seed + k)
+            k += 1
+
+
+class InversionStage(pl.LightningModule):
+    """What every inversion stage shares; subclasses define the trained modules, the loss
+    (:meth:`losses`) and what validation compares (:meth:`evaluate`).
+
+    Args:
+        generator: the frozen generator (a :class:`LayeredGenerator`).
+        inversion_layers: the generator layers inverted one by one, first to last (the
+            model config's ``inversion_layers``; the last is r_n, E_f's target).
+        stage_name: names the exported file ``<output_dir>/<stage_name>.pt``.
+        model_name: recorded in the exported file.
+        batch_size, lr, betas, weight_decay, lr_decay ("cosine" over max_steps, or "none").
+        val_size, val_batch_size, val_seed: the fixed held-out latents.
+        train_seed: selects the training stream.
+        grid_size: how many held-out samples the image grids show.
+        export_half: store float weights as float16 in the exported file.
+    """
+
+    # subclasses: the Metric names and kinds they log in validation
+    def __init__(
+        self,
+        generator: LayeredGenerator,
+        inversion_layers: Sequence[str],
+        stage_name: str,
+        model_name: str = "",
+        batch_size: int = 32,
+        lr: float = 1e-3,
+        betas: Sequence[float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        lr_decay: str = "cosine",
+        val_size: int = 256,
+        val_batch_size: int = 64,
+        val_seed: int = 0,
+        train_seed: int = 0,
+        grid_size: int = 8,
+        export_half: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["generator"])
+        if not isinstance(generator, LayeredGenerator):
+            raise TypeError(f"generator must be a LayeredGenerator, got {type(generator).__name__}")
+        if lr_decay not in ("cosine", "none"):
+            raise ValueError(f"lr_decay must be 'cosine' or 'none', got {lr_decay!r}")
+        self.generator = generator.eval().requires_grad_(False)
+        self.inversion_layers = list(inversion_layers)
+        # "z", or the layer whose output is the latent searched (``mapping`` for style-based models)
+        self.latent_name = check_chain(generator, self.inversion_layers)
+        self.stage_name, self.model_name = stage_name, model_name
+        self.val_metrics = nn.ModuleDict()
+        self._grid_pending = False
+
+    # ------------------------------------------------------------ subclass API
+    def trained_modules(self) -> nn.Module:
+        raise NotImplementedError
+
+    def losses(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named loss terms for one batch of latents; "loss" is the one optimised."""
+        raise NotImplementedError
+
+    def evaluate(self, z: torch.Tensor) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
+                                                  dict[str, tuple[torch.Tensor, torch.Tensor]],
+                                                  tuple[torch.Tensor, torch.Tensor]]:
+        """For held-out latents: ``(correlations, squared_errors, (images, reconstructions))``,
+        the first two mapping metric names to ``(estimate, target)``."""
+        raise NotImplementedError
+
+    def export(self, output_dir: str | Path) -> Path:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ generator
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.generator.eval()  # frozen: BatchNorm statistics of a generator never move
+        return self
+
+    def features(self, z: torch.Tensor, names: Sequence[str]) -> dict[str, Any]:
+        with torch.no_grad():
+            return self.generator.features(z, list(dict.fromkeys(names)))
+
+    def on_fit_start(self) -> None:
+        if self.device.type == "cuda":
+            self.to(memory_format=torch.channels_last)
+
+    # ------------------------------------------------------------ data
+    def train_dataloader(self) -> DataLoader:
+        # created after a checkpoint restore, so a resumed run continues the stream
+        first = TRAIN_SEED_BASE * (self.hparams.train_seed + 1)
+        stream = LatentStream(self.generator, self.hparams.batch_size, first, start=self.global_step)
+        return DataLoader(stream, batch_size=None, num_workers=0)
+
+    def heldout_latents(self) -> torch.Tensor:
+        return self.generator.sample_z(self.hparams.val_size, seed=self.hparams.val_seed)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.heldout_latents()), batch_size=self.hparams.val_batch_size,
+                          shuffle=False)
+
+    # ------------------------------------------------------------ training
+    def training_step(self, z: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        terms = self.losses(z.to(self.device))
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{self.stage_name}: non-finite loss {loss.item()} at step {self.global_step} "
+                                     f"({ {k: float(v) for k, v in terms.items()} })")
+        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, prog_bar=False)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.trained_modules().parameters(), lr=self.hparams.lr,
+                               betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay)
+        steps = self.trainer.max_steps if self.trainer is not None else -1
+        if self.hparams.lr_decay == "none" or steps is None or steps <= 0:
+            return opt
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=self.hparams.lr * 0.01)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------ validation
+    def _log_metric(self, kind: str, name: str, est: torch.Tensor, target: torch.Tensor) -> None:
+        # metrics appear with the first validation batch (their names depend on the stage)
+        key = f"{kind}_{name}"
+        if key not in self.val_metrics:
+            self.val_metrics[key] = (MeanCorrelation() if kind == "corr" else MeanSquaredError()).to(self.device)
+        metric = self.val_metrics[key]
+        metric.update(est.float(), target.float())
+        self.log(f"val/{key}", metric, metric_attribute=f"val_metrics.{key}",
+                 prog_bar=kind == "corr" and name in (self.inversion_layers[-1], LATENT))
+
+    def on_validation_epoch_start(self) -> None:
+        self._grid_pending = True
+
+    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        z = batch[0].to(self.device)
+        corrs, sq_errors, (images, recon) = self.evaluate(z)
+        for name, (est, target) in corrs.items():
+            self._log_metric("corr", name, est, target)
+        for name, (est, target) in sq_errors.items():
+            self._log_metric("mse", name, est, target)
+        if self._grid_pending and not self.trainer.sanity_checking:
+            self._grid_pending = False
+            self.log_grid(images, recon)
+
+    @torch.no_grad()
+    def log_grid(self, images: torch.Tensor, recon: torch.Tensor) -> None:
+        """Top row G(z), bottom row its reconstruction; PNG under images/ and to W&B."""
+        from torchvision.utils import make_grid
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        k = min(self.hparams.grid_size, images.shape[0])
+        pair = torch.cat([images[:k], recon[:k]]).float().clamp(-1, 1).add(1).div(2).cpu()
+        grid = make_grid(pair, nrow=k, padding=1).permute(1, 2, 0).numpy()
+        root = Path(self.trainer.default_root_dir) if self.trainer is not None else Path(".")
+        fig, ax = plt.subplots(figsize=(1.2 * k, 2.6))
+        ax.imshow(grid)
+        ax.set_axis_off()
+        ax.set_title(f"{self.stage_name} step {self.global_step}: G(z) (top), reconstruction (bottom)", fontsize=8)
+        save_figure(fig, root / "images" / f"step_{self.global_step:07d}.png")
+        for lg in self.loggers:
+            if hasattr(lg, "log_image"):  # W&B
+                lg.log_image(key="val/reconstructions", images=[grid], step=self.global_step,
+                             caption=["G(z) top, reconstruction bottom"])
+
+    @torch.no_grad()
+    def heldout_scores(self) -> dict[str, float]:
+        """Every validation metric over the whole held-out set, computed afresh (eval mode)."""
+        was_training = self.training
+        self.eval()
+        metrics: dict[str, nn.Module] = {}
+        try:
+            for (z,) in self.val_dataloader():
+                corrs, sq_errors, _ = self.evaluate(z.to(self.device))
+                for prefix, table, make in (("corr", corrs, MeanCorrelation), ("mse", sq_errors, MeanSquaredError)):
+                    for name, (est, target) in table.items():
+                        key = f"{prefix}_{name}"
+                        metrics.setdefault(key, make().to(self.device)).update(est.float(), target.float())
+        finally:
+            self.train(was_training)
+        return {k: float(m.compute()) for k, m in metrics.items()}
+
+    def export_meta(self, scores: Mapping[str, float]) -> dict[str, Any]:
+        return {
+            "model": self.model_name,
+            "stage": self.stage_name,
+            "steps": int(self.global_step),
+            "heldout": {"size": int(self.hparams.val_size), "seed": int(self.hparams.val_seed), **scores},
+            "command": " ".join(["python", *sys.argv]),
+        }
+
+    def write_scores(self, output_dir: Path, scores: Mapping[str, float]) -> None:
+        write_json(output_dir / "heldout.json", self.export_meta(scores))
+        log.info("%s held-out: %s", self.stage_name, {k: round(v, 5) for k, v in scores.items()})
+
+    # ------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the frozen generator is config, not state: keep checkpoints small
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not k.startswith("generator.")}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"].update({f"generator.{k}": v for k, v in self.generator.state_dict().items()})
+
+
+class LayerInverterStage(InversionStage):
+    """``stage=layerN``: trains e_N so that e_N(r_N) ~ r_{N-1}.
+
+    Loss: correlation error between r_{N-1} and e_N(r_N), plus ``regen_weight`` times
+    the correlation error between r_N and g_N(e_N(r_N)). ``index`` is N (1-based) in
+    ``inversion_layers``.
+    """
+
+    def __init__(self, generator: LayeredGenerator, inversion_layers: Sequence[str], index: int,
+                 stage_name: str | None = None, hidden_channels: int | None = None, regen_weight: float = 0.01,
+                 **kwargs):
+        layers = list(inversion_layers)
+        if not 1 <= int(index) <= len(layers):
+            raise ValueError(f"stage layer{index}: this model inverts {len(layers)} layers ({layers}); "
+                             f"choose stage=layer1 ... layer{len(layers)}")
+        super().__init__(generator, layers, stage_name or f"layer{index}", **kwargs)
+        self.layer = layers[int(index) - 1]
+        self.inverter = LayerInverter(inverter_spec(generator, self.layer, hidden_channels))
+        self.target = self.inverter.spec.target
+        self.regen_weight = float(regen_weight)
+
+    def trained_modules(self) -> nn.Module:
+        return self.inverter
+
+    def _pass(self, z: torch.Tensor):
+        feats = self.features(z, [self.target, self.layer])
+        r_prev, r = feats[self.target], feats[self.layer]
+        est = self.inverter(feature_tensor(r))
+        # g_N applied to the estimate; styles / skip images of r_{N-1} are carried over
+        regen = self.generator.run(with_feature(r_prev, est), start=self.target, stop=self.layer)
+        return r_prev, r, est, regen
+
+    def losses(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        r_prev, r, est, regen = self._pass(z)
+        inv = correlation_error(est, feature_tensor(r_prev))
+        reg = correlation_error(feature_tensor(regen), feature_tensor(r))
+        return {"loss": inv + self.regen_weight * reg, f"corr_error_{self.target}": inv,
+                f"corr_error_{self.layer}_regen": reg}
+
+    def evaluate(self, z: torch.Tensor):
+        r_prev, r, est, regen = self._pass(z)
+        images = self.generator.run(r, start=self.layer)
+        recon = self.generator.run(regen, start=self.layer)
+        corrs = {self.target: (est, feature_tensor(r_prev)), f"{self.layer}_regen": (feature_tensor(regen),
+                                                                                   feature_tensor(r))}
+        return corrs, {"pixel": (recon, images)}, (images, recon)
+
+    def export(self, output_dir: str | Path) -> Path:
+        output_dir = Path(output_dir)
+        scores = self.heldout_scores()
+        self.write_scores(output_dir, scores)
+        return save_inversion_file(output_dir / f"{self.stage_name}.pt", "inverter",
+                                   inverters={self.layer: self.inverter}, meta=self.export_meta(scores),
+                                   half=self.hparams.export_half)
+
+
+class ImageEncoderStage(InversionStage):
+    """``stage=encoder``: trains E_f (ResNet-18 trunk + 1x1 conv head) from G(z) to r_n with MSE."""
+
+    def __init__(self, generator: LayeredGenerator, inversion_layers: Sequence[str], stage_name: str = "encoder",
+                 trunk_stages: int | str = "auto", head_channels: int | None = None, **kwargs):
+        super().__init__(generator, inversion_layers, stage_name, **kwargs)
+        self.target = self.inversion_layers[-1]
+        shape = probe_shapes(generator, [self.target])[self.target]
+        self.encoder = ImageEncoder(encoder_spec(generator.resolution, shape, self.target, trunk_stages,
+                                                 head_channels))
+
+    def trained_modules(self) -> nn.Module:
+        return self.encoder
+
+    def _pass(self, z: torch.Tensor):
+        r = self.features(z, [self.target])[self.target]
+        with torch.no_grad():
+            images = self.generator.run(r, start=self.target)
+        return r, images, self.encoder(images)
+
+    def losses(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        r, _, est = self._pass(z)
+        mse = F.mse_loss(est.float(), feature_tensor(r).float())
+        return {"loss": mse, f"mse_{self.target}": mse}
+
+    def evaluate(self, z: torch.Tensor):
+        r, images, est = self._pass(z)
+        recon = self.generator.run(with_feature(r, est), start=self.target)
+        target = feature_tensor(r)
+        return {self.target: (est, target)}, {self.target: (est, target), "pixel": (recon, images)}, (images, recon)
+
+    def export(self, output_dir: str | Path) -> Path:
+        output_dir = Path(output_dir)
+        scores = self.heldout_scores()
+        self.write_scores(output_dir, scores)
+        return save_inversion_file(output_dir / f"{self.stage_name}.pt", "encoder", encoder=self.encoder,
+                                   meta=self.export_meta(scores), half=self.hparams.export_half)
+
+
+class HybridStage(InversionStage):
+    """``stage=hybrid``: assembles E from the layer and encoder stage files and fine-tunes it.
+
+    Loss: ``weights.r_n`` x corr. error of the estimated r_n, ``weights.z`` x corr. error of
+    the recovered latent, ``weights.regen`` x corr. error of r_n regenerated from the
+    recovered latent, ``weights.pixel`` x pixel MSE of G(E(G(z))) against G(z).
+    Stage files come from ``<run_root>/<model_name>/<stage>/<stage>.pt`` unless
+    ``stage_files`` names them (``{"layer3": path, "encoder": path}``).
+    """
+
+    DEFAULT_WEIGHTS = {"r_n": 1.0, "z": 1.0, "regen": 1.0, "pixel": 1.0}
+
+    def __init__(self, generator: LayeredGenerator, inversion_layers: Sequence[str], model_name: str,
+                 run_root: str | Path, stage_name: str = "hybrid", stage_files: Mapping[str, str] | None = None,
+                 weights: Mapping[str, float] | None = None, **kwargs):
+        super().__init__(generator, inversion_layers, stage_name, model_name=model_name, **kwargs)
+        unknown = set(weights or {}) - set(self.DEFAULT_WEIGHTS)
+        if unknown:
+            raise ValueError(f"unknown hybrid loss weights {sorted(unknown)}; known: {sorted(self.DEFAULT_WEIGHTS)}")
+        self.weights = {**self.DEFAULT_WEIGHTS, **dict(weights or {})}
+        self.encoder = assemble_hybrid_encoder(generator, self.inversion_layers, run_root, model_name,
+                                               dict(stage_files or {}))
+        self.target = self.inversion_layers[-1]
+
+    def trained_modules(self) -> nn.Module:
+        return self.encoder
+
+    def _pass(self, z: torch.Tensor):
+        names = [self.latent_name, *self.inversion_layers]
+        feats = self.features(z, names)
+        with torch.no_grad():
+            images = self.generator.run(feats[self.target], start=self.target)
+        est = self.encoder.invert(images)
+        regen = self.encoder.generate(self.generator, est[LATENT], stop=self.target)
+        recon = self.generator.run(regen, start=self.target)
+        return feats, images, est, regen, recon
+
+    def losses(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats, images, est, regen, recon = self._pass(z)
+        r_n = feature_tensor(feats[self.target])
+        terms = {
+            "r_n": correlation_error(est[self.target], r_n),
+            "z": correlation_error(est[LATENT], feature_tensor(feats[self.latent_name])),
+            "regen": correlation_error(feature_tensor(regen), r_n),
+            "pixel": F.mse_loss(recon.float(), images.float()),
+        }
+        loss = sum(self.weights[k] * v for k, v in terms.items())
+        return {"loss": loss, **{f"term_{k}": v for k, v in terms.items()}}
+
+    def evaluate(self, z: torch.Tensor):
+        feats, images, est, regen, recon = self._pass(z)
+        corrs = {name: (est[name], feature_tensor(feats[name])) for name in self.inversion_layers}
+        corrs[LATENT] = (est[LATENT], feature_tensor(feats[self.latent_name]))
+        corrs[f"{self.target}_regen"] = (feature_tensor(regen), feature_tensor(feats[self.target]))
+        return corrs, {"pixel": (recon, images)}, (images, recon)
+
+    def export(self, output_dir: str | Path) -> Path:
+        output_dir = Path(output_dir)
+        scores = self.heldout_scores()
+        self.write_scores(output_dir, scores)
+        self.encoder.meta = self.export_meta(scores)
+        from seeing.reporting import torch_save_atomic
+
+        return torch_save_atomic(self.encoder.to_file_dict(half=self.hparams.export_half),
+                                 output_dir / f"{self.stage_name}.pt")
