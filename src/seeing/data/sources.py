@@ -88,6 +88,31 @@ def _resize_square(images: torch.Tensor, resolution: int) -> torch.Tensor:
     return F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
 
 
+def file_stamps(obj: Any) -> dict[str, list[int]]:
+    """Size and mtime of every existing file that a (nested) config names, e.g. weights;
+    part of cache keys, so replacing a file at the same path invalidates what came from it."""
+    out: dict[str, list[int]] = {}
+
+    def visit(v):
+        if isinstance(v, dict):
+            for x in v.values():
+                visit(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                visit(x)
+        elif isinstance(v, str) and 0 < len(v) < 4096:
+            try:
+                p = Path(v).expanduser()
+                if p.is_file():
+                    st = p.stat()
+                    out[str(p.resolve())] = [st.st_size, st.st_mtime_ns]
+            except OSError:
+                pass
+
+    visit(obj)
+    return out
+
+
 # ---------------------------------------------------------------------------- scenes world
 
 
@@ -338,12 +363,9 @@ class GeneratorSource(ImageSource):
         cfg = self.generator_cfg
         if isinstance(cfg, DictConfig):
             cfg = OmegaConf.to_container(cfg, resolve=True)
-        ident = {**super().identity(), "generator": cfg if isinstance(cfg, dict) else repr(cfg)}
-        source = cfg.get("source") if isinstance(cfg, dict) else None
-        if isinstance(source, str) and Path(source).is_file():  # the weights changed -> new samples
-            st = Path(source).stat()
-            ident["weights"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        return ident
+        # new weights at the same path -> new samples: stamp every file the config names
+        return {**super().identity(), "generator": cfg if isinstance(cfg, dict) else repr(cfg),
+                "files": file_stamps(cfg)}
 
     def generator(self):
         if self._generator is None:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from seeing.data.sources import EmptySourceError, ImageSource
+from seeing.data.sources import EmptySourceError, ImageSource, file_stamps
 from seeing.metrics.fsd import FrechetSegmentationDistance, class_tally, per_class_table, rank_classes
 from seeing.reporting import WandbReport, _atomic_write_bytes, save_figure, write_csv, write_json
 
@@ -123,36 +123,11 @@ def tally_source(
 # ------------------------------------------------------------------------------ cache
 
 
-def _file_stamps(obj: Any) -> dict[str, Any]:
-    """Size and mtime of every existing file a config names (weights), so new weights at the
-    same path invalidate cached tallies."""
-    out: dict[str, Any] = {}
-
-    def visit(v):
-        if isinstance(v, dict):
-            for x in v.values():
-                visit(x)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                visit(x)
-        elif isinstance(v, str) and len(v) < 4096:
-            p = Path(v).expanduser()
-            try:
-                if p.is_file():
-                    st = p.stat()
-                    out[str(p.resolve())] = [st.st_size, st.st_mtime_ns]
-            except OSError:
-                pass
-
-    visit(obj)
-    return out
-
-
 def segmenter_identity(segmenter_cfg: Any, class_names: Sequence[str], oracle: bool) -> dict[str, Any]:
     if oracle:
         return {"oracle": True, "classes": list(class_names)}
     cfg = OmegaConf.to_container(segmenter_cfg, resolve=True) if isinstance(segmenter_cfg, DictConfig) else segmenter_cfg
-    return {"config": cfg, "files": _file_stamps(cfg), "classes": list(class_names)}
+    return {"config": cfg, "files": file_stamps(cfg), "classes": list(class_names)}
 
 
 def cache_file(cache_dir: str | Path, source: ImageSource, segmenter_id: dict, n: int, resolution: int,

@@ -70,10 +70,22 @@ def gaussian_from_sums(count: torch.Tensor, total: torch.Tensor, outer: torch.Te
     return mean, (cov + cov.T) / 2  # symmetric up to rounding; make it exactly so
 
 
+def _numerical_zeros_to_zero(vals: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of a PSD matrix below its rounding noise (eps * largest) are zeros.
+
+    Covariances of tallies are singular (absent classes, fewer images than classes). Left as
+    they are, the square root would turn the rounding noise of those zero eigenvalues into
+    errors of ~1e-8 relative that depend on how the images were batched; a larger cut-off
+    would discard genuine small eigenvalues (measurably, against the published values).
+    """
+    tol = vals.abs().max() * torch.finfo(vals.dtype).eps
+    return torch.where(vals > tol, vals, torch.zeros_like(vals))
+
+
 def _psd_sqrt(mat: torch.Tensor) -> torch.Tensor:
     """Square root of a symmetric positive semi-definite matrix via its eigendecomposition."""
     vals, vecs = torch.linalg.eigh(mat)
-    return (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
+    return (vecs * _numerical_zeros_to_zero(vals).sqrt()) @ vecs.T
 
 
 def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor):
@@ -88,7 +100,7 @@ def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, c
     mean_term = torch.sum((mu1 - mu2) ** 2)
     root1 = _psd_sqrt(cov1)
     middle = root1 @ cov2 @ root1
-    eig = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0)
+    eig = _numerical_zeros_to_zero(torch.linalg.eigvalsh((middle + middle.T) / 2))
     cov_term = torch.trace(cov1) + torch.trace(cov2) - 2 * eig.sqrt().sum()
     return mean_term + cov_term, mean_term, cov_term
 
@@ -139,18 +151,19 @@ class FrechetSegmentationDistance(Metric):
 
     def update(self, labels: torch.Tensor, real: bool) -> None:  # type: ignore[override]
         labels = torch.as_tensor(labels)
-        if labels.dtype.is_floating_point:
-            self.update_tally(labels, real)
-        else:
-            self.update_tally(class_tally(labels, self.num_classes), real)
-
-    def update_tally(self, fractions: torch.Tensor, real: bool) -> None:
-        """Add per-image class fractions (``N x K``, rows summing to 1)."""
-        x = _as_tallies(fractions, self.num_classes).to(self.real_sum.device) * self.scale
+        tallies = labels if labels.dtype.is_floating_point else class_tally(labels, self.num_classes)
+        x = _as_tallies(tallies, self.num_classes).to(self.real_sum.device) * self.scale
         role = "real" if real else "fake"
         setattr(self, f"{role}_count", getattr(self, f"{role}_count") + x.shape[0])
         setattr(self, f"{role}_sum", getattr(self, f"{role}_sum") + x.sum(0))
         setattr(self, f"{role}_outer", getattr(self, f"{role}_outer") + x.T @ x)
+
+    def update_tally(self, fractions: torch.Tensor, real: bool) -> None:
+        """Add per-image class fractions (``N x K``, rows summing to 1)."""
+        fractions = torch.as_tensor(fractions)
+        if not fractions.dtype.is_floating_point:
+            raise TypeError(f"tallies must be float class fractions, got {fractions.dtype}")
+        self.update(fractions, real)  # through torchmetrics' wrapped update (update count, sync state)
 
     def gaussians(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {
