@@ -73,7 +73,12 @@ class LayeredGenerator(nn.Module):
         a fixed-size stream, so ``sample_z(8, s)[:4] == sample_z(4, s)``.
         """
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        z = torch.randn((n, *self.latent_shape), generator=gen, dtype=torch.float32)
+        # Fixed-size blocks: torch's CPU randn fills the tail of a request differently when
+        # its size is not a multiple of 16, so a prefix of a larger draw would not match.
+        block = 64
+        blocks = [torch.randn((block, *self.latent_shape), generator=gen, dtype=torch.float32)
+                  for _ in range(-(-n // block))]
+        z = torch.cat(blocks)[:n] if blocks else torch.empty((0, *self.latent_shape))
         return z.to(device) if device is not None else z
 
     # ---------------------------------------------------------------- running
