@@ -54,7 +54,8 @@ class MappingDense(nn.Module):
     def __init__(self, in_features: int, out_features: int, lr_mul: float, weight_gain: float,
                  activation_gain: float):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_features, in_features))
+        # stored weights are N(0, 1) / lr_mul so that the effective weights are N(0, gain^2 / in)
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_mul)
         self.bias = nn.Parameter(torch.zeros(out_features))
         self.weight_scale = weight_gain / math.sqrt(in_features) * lr_mul
         self.lr_mul = lr_mul
@@ -101,7 +102,7 @@ class Mapping(nn.Module):
 
     def forward(self, z: torch.Tensor) -> StyledState:
         w = self.map_z(z)
-        ws = w.unsqueeze(1).expand(-1, self.num_ws, -1)
+        ws = w.unsqueeze(1).expand(-1, self.num_ws, -1).contiguous()
         return StyledState(None, self.truncate(ws))
 
 
