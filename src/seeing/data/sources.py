@@ -88,6 +88,20 @@ def _resize_square(images: torch.Tensor, resolution: int) -> torch.Tensor:
     return F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
 
 
+def instantiate_unwrapped(cfg: Any) -> Any:
+    """``hydra.utils.instantiate``, but a missing file surfaces as the loader's own
+    FileNotFoundError (which names the expected file) rather than wrapped by Hydra."""
+    import hydra
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(cfg)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, FileNotFoundError):
+            raise e.__cause__ from None
+        raise
+
+
 def file_stamps(obj: Any) -> dict[str, list[int]]:
     """Size and mtime of every existing file that a (nested) config names, e.g. weights;
     part of cache keys, so replacing a file at the same path invalidates what came from it."""
@@ -372,9 +386,7 @@ class GeneratorSource(ImageSource):
             if isinstance(self.generator_cfg, torch.nn.Module):
                 self._generator = self.generator_cfg
             else:
-                import hydra
-
-                self._generator = hydra.utils.instantiate(self.generator_cfg)
+                self._generator = instantiate_unwrapped(self.generator_cfg)
             self._generator.eval()
         return self._generator
 

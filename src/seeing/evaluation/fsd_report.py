@@ -241,9 +241,9 @@ def histogram_figure(rows: Sequence[dict[str, Any]], max_classes: int = 40, titl
 
 
 def _build_segmenter(cfg: DictConfig, device: torch.device):
-    import hydra
+    from seeing.data.sources import instantiate_unwrapped
 
-    segmenter = hydra.utils.instantiate(cfg.segmenter)
+    segmenter = instantiate_unwrapped(cfg.segmenter)
     for attr in ("segment", "class_names"):
         if not hasattr(segmenter, attr):
             raise TypeError(f"segmenter config built {type(segmenter).__name__}, which has no {attr!r}")
