@@ -86,6 +86,8 @@ def progan_layers(z_dim: int, widths: Sequence[int]) -> list[tuple[str, nn.Modul
 class ProGANGenerator(LayeredGenerator):
     """ProGAN as a :class:`LayeredGenerator`; the latent is a flat ``z_dim`` vector."""
 
+    layout = LAYOUT  # the public key layout of layout_state_dict()
+
     def __init__(self, z_dim: int = 512, widths: Sequence[int] = (512, 512, 512, 512, 256, 128, 64)):
         self.widths = list(widths)
         layers = progan_layers(z_dim, widths)
@@ -93,8 +95,6 @@ class ProGANGenerator(LayeredGenerator):
         first_name, first = layers[0]
         layers[0] = (first_name, _FlatInput(first))
         super().__init__(layers, z_dim=z_dim, resolution=4 * 2 ** (len(widths) - 1))
-
-    layout = LAYOUT
 
     @classmethod
     def from_layout_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> "ProGANGenerator":
