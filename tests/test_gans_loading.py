@@ -235,6 +235,11 @@ def test_save_load_round_trip_of_a_trained_wgangp_and_unsupported_save(tmp_path)
     torch.testing.assert_close(back(z), g(z), atol=0, rtol=0)
     with pytest.raises(TypeError, match="StyleGANGenerator"):
         save_generator(load_generator(golden("genforce_stylegan")["state_dict"]), tmp_path / "s.pt")
+    # meta is stored as plain values, readable by a weights-only load
+    path = save_generator(g, tmp_path / "m.pt", meta={"run": tmp_path, "widths": (16, 8)})
+    assert load_generator(path).checkpoint_meta == {"run": str(tmp_path), "widths": [16, 8]}
+    with pytest.raises(TypeError, match=r"meta\['bad'\]"):
+        save_generator(g, tmp_path / "bad.pt", meta={"bad": object()})
 
 
 # ----------------------------------------------------------------------------- Hydra configs

@@ -210,4 +210,20 @@ def save_generator(generator: LayeredGenerator, path: str | os.PathLike, meta: M
     if isinstance(meta, DictConfig):
         meta = OmegaConf.to_container(meta, resolve=True)
     state_dict = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in generator.layout_state_dict().items()}
-    return torch_save_atomic({"layout": layout, "state_dict": state_dict, "meta": dict(meta or {})}, Path(path))
+    return torch_save_atomic({"layout": layout, "state_dict": state_dict, "meta": _plain(dict(meta or {}), "meta")},
+                             Path(path))
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as types a weights-only load reads back (paths become strings, tuples lists)."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():  # numpy scalars
+        return value.item()
+    raise TypeError(f"{where} is a {type(value).__name__}; generator files hold plain values only")
