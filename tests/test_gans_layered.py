@@ -130,3 +130,19 @@ def test_wgangp_batchnorm_uses_running_statistics_in_train_mode():
         single = g(z[:1])
     torch.testing.assert_close(trained_mode, evaluated)
     torch.testing.assert_close(single, evaluated[:1], atol=1e-4, rtol=0)
+
+
+def test_gradients_reach_the_latent_and_every_intermediate_value(generator):
+    """Inversion optimises latents and features through the frozen generator."""
+    generator.requires_grad_(False)
+    z = generator.sample_z(2, seed=0).requires_grad_(True)
+    generator(z).square().mean().backward()
+    assert z.grad is not None and float(z.grad.abs().max()) > 0
+    middle = generator.run(generator.sample_z(2, seed=0), stop=generator.layer_names[1])
+    leaf = _tensor(middle).detach().requires_grad_(True)
+    if isinstance(middle, StyledState):
+        middle = middle._replace(x=leaf) if middle.x is not None else middle._replace(ws=leaf)
+    else:
+        middle = leaf
+    generator.run(middle, start=generator.layer_names[1]).square().mean().backward()
+    assert float(leaf.grad.abs().max()) > 0
