@@ -1,0 +1,116 @@
+"""``python evaluate.py metric=ablation``: the paper-style comparison of variants a-f.
+
+Reads every ``<runs_dir>/reconstruct_<kind>_<variant>/reconstruction.pt`` that exists
+(``python train.py -m stage=reconstruct variant=a,b,c,d,e,f [stage.targets.kind=generated]``),
+summarises each like ``metric=reconstruction`` does, and writes one table: a row per
+(targets, variant) with pixel (and perceptual) error, latent / layer correlations for
+generated targets, segmentation mIoU and missing classes per image. Also
+``ablation_missing.csv`` (each run's missing-class ranking) and ``ablation_<kind>.png``
+(targets next to every variant's reconstruction).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from seeing.reconstruct.deltas import RESULT_FILE, load_result
+from seeing.reconstruct.report import to_uint8
+from seeing.reporting import WandbReport, save_figure, write_csv, write_json, write_markdown_table
+
+from .reconstruction import fsd_comparison, summarize
+
+log = logging.getLogger(__name__)
+
+DESCRIPTIONS = {
+    "a": "optimise z", "b": "direct encoder", "c": "direct encoder + optimise z",
+    "d": "layer-wise encoder", "e": "layer-wise encoder + optimise z",
+    "f": "layer-wise encoder + optimise deltas (ours)",
+}
+
+
+def comparison_figure(kind: str, results: dict[str, dict[str, Any]], path: Path, rows: int = 6) -> Path:
+    """Rows of images: the target, then each variant's final reconstruction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = sorted(results)
+    first = results[variants[0]]
+    n = min(rows, first["targets"].shape[0])
+    cols = [("target", first["targets"][:n])] + [(v, results[v]["final"][:n]) for v in variants]
+    fig, axes = plt.subplots(n, len(cols), figsize=(1.6 * len(cols), 1.6 * n + 0.4), squeeze=False)
+    for j, (name, images) in enumerate(cols):
+        pics = to_uint8(images)
+        for i in range(n):
+            ax = axes[i, j]
+            ax.imshow(pics[i])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=8)
+    fig.suptitle(f"ablation on {kind} targets", fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def run(cfg: DictConfig) -> list[dict[str, Any]]:
+    import hydra
+
+    from seeing.pipeline import resolve_device
+
+    m = cfg.metric
+    out_dir = Path(cfg.output_dir)
+    runs_dir = Path(m.runs_dir)
+    found = {(k, v): runs_dir / f"reconstruct_{k}_{v}" / RESULT_FILE for k in m.kinds for v in m.variants}
+    found = {key: p for key, p in found.items() if p.is_file()}
+    if not found:
+        raise FileNotFoundError(
+            f"no reconstruction runs under {runs_dir} (looked for reconstruct_<kind>_<variant>/{RESULT_FILE}). "
+            f"Make them with `python train.py -m model={cfg.model.name} stage=reconstruct variant="
+            f"{','.join(m.variants)}` (add stage.targets.kind=generated for generated targets).")
+    segmenter = hydra.utils.instantiate(cfg.segmenter).to(resolve_device(cfg.get("device", "auto"))).eval()
+    rows, missing_rows, by_kind = [], [], {}
+    for (kind, variant), path in sorted(found.items()):
+        result = load_result(path)
+        s = summarize(result, segmenter, float(m.min_fraction), int(m.min_support), int(m.segment_batch_size),
+                      str(m.get("perceptual", "none")), m.get("vgg_path"))
+        met = s["metrics"]
+        row = {"targets": kind, "variant": variant, "method": DESCRIPTIONS.get(variant, variant),
+               "images": met["images"], "steps": met["steps"], "pixel_l1": met["pixel_l1_final"]}
+        if "perceptual_final" in met:
+            row["perceptual_l1"] = met["perceptual_final"]
+        for key in sorted(k for k in met if k.startswith("corr_") and not k.endswith("_initial")):
+            row[key] = met[key]
+        row["miou"] = met["miou_final"]
+        row["missing_per_image"] = met["missing_per_image"]
+        row["most_missing"] = " ".join(r["class"] for r in s["missing"][:3])
+        rows.append(row)
+        missing_rows += [{"targets": kind, "variant": variant, **r} for r in s["missing"]]
+        by_kind.setdefault(kind, {})[variant] = result
+        log.info("ablation %s/%s: %s", kind, variant, row)
+    # generated-target runs have correlation columns that real ones lack: one column set for all
+    columns = list(dict.fromkeys(c for r in rows for c in r))
+    rows = [{c: r.get(c, "") for c in columns} for r in rows]
+    write_csv(out_dir / "ablation.csv", rows)
+    write_markdown_table(out_dir / "ablation.md", rows)
+    write_csv(out_dir / "ablation_missing.csv", missing_rows)
+    figures = {kind: comparison_figure(kind, res, out_dir / f"ablation_{kind}.png", int(m.max_rows))
+               for kind, res in by_kind.items()}
+    f_missing = [r for r in missing_rows if r["variant"] == "f" and r["targets"] == "real"]
+    comparison = fsd_comparison(f_missing, m.get("fsd_report"), int(m.get("top_k", 5))) if f_missing else None
+    write_json(out_dir / "ablation.json", {"rows": rows, "missing": missing_rows, "fsd_comparison": comparison})
+    wandb = WandbReport(cfg, job_type="ablation")
+    try:
+        wandb.log_table("ablation/table", rows)
+        wandb.log_table("ablation/missing", missing_rows)
+        for kind, fig in figures.items():
+            wandb.log_image(f"ablation/{kind}", fig)
+    finally:
+        wandb.finish()
+    print((out_dir / "ablation.md").read_text())
+    return rows

@@ -1,0 +1,178 @@
+"""``python evaluate.py metric=reconstruction``: reconstruct images and report what is missing.
+
+By default (``metric.result=null``) it reconstructs a handful of held-out real scenes
+itself with the configured variant (f: hybrid encoder + layer corrections) and the
+model's shipped weights, then reports; ``metric.result=<.../reconstruction.pt>``
+reports an existing ``stage=reconstruct`` output instead.
+
+Writes under ``output_dir``: ``reconstruction.json`` (all numbers), ``missing_classes.{csv,md}``
+(classes present in targets but absent from reconstructions, ranked), ``iou_per_class.csv``,
+``missing.png`` (rows of target | reconstruction | both segmentations | missing objects),
+``loss_curves.png``, and the same to W&B.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from seeing.reconstruct.deltas import load_result
+from seeing.reconstruct.report import (MissingClasses, iou_per_class, latent_correlations, loss_curve_figure,
+                                       missing_figure, rank_agreement, rank_missing)
+from seeing.reporting import WandbReport, write_csv, write_json, write_markdown_table
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def segment_all(segmenter: Any, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    return torch.cat([segmenter.segment(images[i:i + batch_size].to(segmenter.device)).cpu()
+                      for i in range(0, images.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def perceptual_errors(result: Mapping[str, Any], vgg_path: str | None, batch_size: int = 16) -> dict[str, float]:
+    """Mean VGG relu4_2 feature L1 of the initial and final reconstructions (needs VGG weights)."""
+    from seeing.reconstruct.losses import VGGPerceptual, per_image_mean
+
+    vgg = VGGPerceptual(vgg_path)
+    out = {}
+    for key in ("initial", "final"):
+        errs = [per_image_mean((vgg(result[key][i:i + batch_size]) - vgg(result["targets"][i:i + batch_size])).abs())
+                for i in range(0, result["targets"].shape[0], batch_size)]
+        out[f"perceptual_{key}"] = float(torch.cat(errs).mean())
+    return out
+
+
+def summarize(result: Mapping[str, Any], segmenter: Any, min_fraction: float = 0.01, min_support: int = 2,
+              batch_size: int = 32, perceptual: str = "none", vgg_path: str | None = None) -> dict[str, Any]:
+    """Every number of one reconstruction run, plus the label maps the figure needs."""
+    class_names = list(segmenter.class_names)
+    k = len(class_names)
+    target_labels = segment_all(segmenter, result["targets"], batch_size)
+    recon_labels = segment_all(segmenter, result["final"].clamp(-1, 1), batch_size)
+    initial_labels = segment_all(segmenter, result["initial"].clamp(-1, 1), batch_size)
+    missing = MissingClasses(k, min_fraction)
+    missing.update(target_labels, recon_labels)
+    stats = missing.compute()
+    ranking = rank_missing(stats, class_names, min_support)
+    ious = iou_per_class(target_labels, recon_labels, k)
+    iou_initial = iou_per_class(target_labels, initial_labels, k)
+    present = torch.nonzero(stats["present"] > 0).flatten().tolist()
+    metrics: dict[str, Any] = {
+        "images": int(result["targets"].shape[0]),
+        "target_kind": result.get("target_kind", ""),
+        "variant": (result.get("meta") or {}).get("variant", {}).get("name", ""),
+        "steps": int(result.get("steps", 0)),
+        "pixel_l1_initial": float(result["initial_pixel_l1"].mean()),
+        "pixel_l1_final": float(result["final_pixel_l1"].mean()),
+        "miou_initial": float(iou_initial[present].nanmean()) if present else float("nan"),
+        "miou_final": float(ious[present].nanmean()) if present else float("nan"),
+        "missing_per_image": float(stats["missing"].sum()) / max(1, int(result["targets"].shape[0])),
+    }
+    if perceptual == "vgg":
+        metrics.update(perceptual_errors(result, vgg_path))
+    metrics.update(latent_correlations(result))
+    iou_rows = [{"class": class_names[c], "present_in_targets": int(stats["present"][c]),
+                 "iou": float(ious[c]), "iou_initial": float(iou_initial[c])} for c in present]
+    return {"metrics": metrics, "missing": ranking, "iou": iou_rows, "class_names": class_names,
+            "target_labels": target_labels, "recon_labels": recon_labels}
+
+
+def fsd_comparison(missing_rows: list[dict[str, Any]], fsd_json: str | Path | None, k: int = 5) -> dict[str, Any] | None:
+    """Agreement of the missing-objects ranking with the FSD report's most-dropped classes."""
+    if not fsd_json or not Path(fsd_json).is_file():
+        return None
+    import json
+
+    report = json.loads(Path(fsd_json).read_text())
+    rows = [r for r in report.get("per_class", []) if r.get("relative_delta") is not None]
+    fsd_rank = [r["class"] for r in sorted(rows, key=lambda r: r["relative_delta"])]
+    ours = [r["class"] for r in missing_rows]
+    return {"fsd_report": str(fsd_json), "fsd_most_dropped": [r["class"] for r in report.get("most_dropped", [])],
+            "reconstruction_most_missing": ours[:k], **rank_agreement(ours, fsd_rank, k)}
+
+
+def build_generator(cfg: DictConfig):
+    import hydra
+
+    return hydra.utils.instantiate(cfg.model.generator)
+
+
+def reconstruct_here(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Run the reconstruct stage's optimisation in this process (no checkpoints) and export it."""
+    import pytorch_lightning as pl
+
+    from seeing.pipeline import resolve_device
+    from seeing.reconstruct.stage import build_reconstructor
+
+    r = cfg.metric.reconstruct
+    spec = OmegaConf.to_container(r, resolve=True)
+    spec.pop("targets")
+    variant = spec.pop("variant")
+    module = build_reconstructor(build_generator(cfg), list(cfg.model.inversion_layers), variant, r.targets,
+                                 model_name=cfg.model.name, run_root=cfg.paths.run_root, **spec)
+    device = resolve_device(cfg.get("device", "auto"))
+    trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=-1,
+                         max_epochs=-1, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                         enable_progress_bar=bool(cfg.metric.get("progress", True)))
+    trainer.fit(module)
+    module.cpu()
+    module.export(out_dir / "run")
+    return load_result(out_dir / "run" / "reconstruction.pt")
+
+
+def write_summary(summary: Mapping[str, Any], result: Mapping[str, Any], out_dir: Path, cfg: DictConfig,
+                  wandb: WandbReport, prefix: str = "reconstruction", title: str = "") -> dict[str, Any]:
+    m = cfg.metric
+    comparison = fsd_comparison(summary["missing"], m.get("fsd_report"), int(m.get("top_k", 5)))
+    report = {**summary["metrics"], "missing_classes": summary["missing"], "iou_per_class": summary["iou"],
+              "fsd_comparison": comparison, "targets": result.get("target_source", ""),
+              "meta": result.get("meta", {})}
+    write_json(out_dir / f"{prefix}.json", report)
+    write_csv(out_dir / "missing_classes.csv", summary["missing"])
+    write_markdown_table(out_dir / "missing_classes.md", summary["missing"])
+    write_csv(out_dir / "iou_per_class.csv", summary["iou"])
+    fig = missing_figure(result["targets"], result["final"], summary["target_labels"], summary["recon_labels"],
+                         summary["class_names"], out_dir / "missing.png", float(m.min_fraction),
+                         int(m.get("max_rows", 8)), title)
+    curves = loss_curve_figure(result["loss_curves"], out_dir / "loss_curves.png", title)
+    wandb.log_metrics({f"{prefix}/{k}": v for k, v in summary["metrics"].items() if isinstance(v, (int, float))})
+    wandb.log_table(f"{prefix}/missing_classes", summary["missing"])
+    wandb.log_table(f"{prefix}/iou_per_class", summary["iou"])
+    wandb.log_image(f"{prefix}/missing", fig)
+    wandb.log_image(f"{prefix}/loss_curves", curves)
+    return report
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    import hydra
+
+    from seeing.pipeline import resolve_device
+
+    m = cfg.metric
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = load_result(m.result) if m.get("result") else reconstruct_here(cfg, out_dir)
+    segmenter = hydra.utils.instantiate(cfg.segmenter).to(resolve_device(cfg.get("device", "auto"))).eval()
+    summary = summarize(result, segmenter, float(m.min_fraction), int(m.min_support),
+                        int(m.get("segment_batch_size", 32)), str(m.get("perceptual", "none")), m.get("vgg_path"))
+    variant = summary["metrics"]["variant"]
+    title = f"{cfg.model.name}, variant {variant}: {result.get('target_source', '')}"
+    wandb = WandbReport(cfg, job_type="reconstruction")
+    try:
+        report = write_summary(summary, result, out_dir, cfg, wandb, title=title)
+    finally:
+        wandb.finish()
+    top = ", ".join(f"{r['class']} ({r['missing']}/{r['present']})" for r in summary["missing"][:5])
+    log.info("reconstruction (%s, %d images): pixel L1 %.4f -> %.4f; most missing: %s", variant,
+             summary["metrics"]["images"], summary["metrics"]["pixel_l1_initial"],
+             summary["metrics"]["pixel_l1_final"], top)
+    print(f"[reconstruction] variant {variant}, {summary['metrics']['images']} images: pixel L1 "
+          f"{summary['metrics']['pixel_l1_initial']:.4f} -> {summary['metrics']['pixel_l1_final']:.4f}, "
+          f"mIoU {summary['metrics']['miou_initial']:.3f} -> {summary['metrics']['miou_final']:.3f}; "
+          f"most missing: {top}; wrote {out_dir}/missing.png")
+    return report

@@ -1,0 +1,340 @@
+"""Per-image layer corrections delta, optimised as a LightningModule (``stage=reconstruct``).
+
+A target image x starts from a latent z0 (from the hybrid encoder E(x), a direct
+encoder, the generator's mean latent or a fixed random draw). The generator is run
+from z0, and at the output of each chosen position p (the latent ``"z"`` and/or
+early layers 1..n-1) a learned correction is added::
+
+    r_p <- r_p + delta_p
+
+With every delta at zero the result is exactly G(z0). The corrections are the
+module's parameters, one tensor per position holding a row per image.
+
+Batched, yet every image is its own problem:
+
+* the loss back-propagated is the SUM over images of per-image means
+  (:class:`~seeing.reconstruct.losses.ReconstructionLoss`), so image i's gradient
+  is the gradient of its own loss;
+* Adam's update of an element depends only on that element's gradient history,
+  and the learning-rate schedule only on the step count;
+* the frozen generator runs in eval mode and uses no batch statistics.
+
+Hence an image's result does not depend on what else shares its batch (a test
+checks alone vs. in a batch of 8). Target sets larger than ``batch_size`` are
+split into chunks, each with its own corrections, Adam state and schedule; the
+training step ``k`` advances chunk ``k mod n_chunks`` once, so every chunk gets
+``steps`` steps.
+
+Resumable: the corrections, the optimisers and the per-image loss curves live in
+Lightning checkpoints; the frozen networks do not (they are rebuilt from their
+files), and a checkpoint made for other targets is refused.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from seeing.gans.layered import LATENT, LayeredGenerator
+from seeing.inversion.hybrid import latent_value
+from seeing.inversion.values import feature_tensor, with_feature
+from seeing.reporting import torch_save_atomic
+
+from .losses import ReconstructionLoss
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "reconstruction.pt"
+RESULT_FORMAT = "seeing.reconstruct/v1"
+# submodules rebuilt from their own files on resume, kept out of checkpoints
+_FROZEN_PREFIXES = ("generator.", "loss.")
+
+
+def correction_positions(optimize: str, inversion_layers: Sequence[str], latent: bool = False) -> list[str]:
+    """Where corrections go: ``none`` -> nowhere, ``z`` -> the latent, ``deltas`` -> the outputs
+    of layers 1..n-1 of the inversion layers (plus the latent when ``latent``)."""
+    if optimize == "none":
+        return []
+    if optimize == "z":
+        return [LATENT]
+    if optimize == "deltas":
+        layers = list(inversion_layers)[:-1]
+        if not layers:
+            raise ValueError("optimize=deltas needs at least two inversion layers (corrections go at 1..n-1)")
+        return ([LATENT] if latent else []) + layers
+    raise ValueError(f"optimize must be none, z or deltas; got {optimize!r}")
+
+
+def render(generator: LayeredGenerator, latents: torch.Tensor, deltas: Mapping[str, torch.Tensor],
+           record: Sequence[str] = (), latent_name: str = LATENT) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """G from ``latents`` with ``deltas[p]`` added at the output of every position p, and the
+    (corrected) feature tensors of the ``record`` positions.
+
+    ``latent_name`` is where the latent enters: "z", or the layer whose output is the searched
+    latent (``mapping`` for style-based models, whose latent is w+). Position "z" always means
+    that latent.
+    """
+    t = latents + deltas[LATENT] if LATENT in deltas else latents
+    recorded = {LATENT: t} if LATENT in record else {}
+    x = t if latent_name == LATENT else latent_value(generator, latent_name, t)
+    # (layers before the first correction build no graph: nothing there requires grad)
+    for name in generator.layer_names[generator.index(latent_name):]:
+        x = generator.layers[name](x)
+        if name in deltas:
+            x = with_feature(x, feature_tensor(x) + deltas[name].to(feature_tensor(x).dtype))
+        if name in record:
+            recorded[name] = feature_tensor(x)
+    return x, recorded
+
+
+def feature_shapes(generator: LayeredGenerator, latent: torch.Tensor, positions: Sequence[str],
+                   latent_name: str = LATENT) -> dict[str, tuple]:
+    """Per-image shape of each position's feature tensor (probed with one latent)."""
+    with torch.no_grad():
+        _, rec = render(generator, latent[:1], {}, record=positions, latent_name=latent_name)
+    return {p: tuple(rec[p].shape[1:]) for p in positions}
+
+
+def step_milestones(milestones: Sequence[float], steps: int) -> list[int]:
+    """Milestones given as fractions of ``steps`` (< 1) or absolute step numbers (>= 1)."""
+    return sorted({int(round(m * steps)) if m < 1 else int(m) for m in milestones})
+
+
+class _Ticks(Dataset):
+    """The optimisation has no data to stream: every batch is a tick; the step count picks the chunk."""
+
+    def __init__(self, n: int):
+        self.n = max(1, n)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class Reconstructor(pl.LightningModule):
+    """Optimise per-image corrections so that G reproduces ``targets``.
+
+    Args:
+        generator: the frozen generator.
+        targets: ``(N, 3, S, S)`` images in [-1, 1] at the generator's resolution.
+        init_latents: ``(N, *latent_shape)`` starting latents z0.
+        positions: where corrections go (see :func:`correction_positions`); empty: no optimisation.
+        loss: the per-image objective.
+        steps: optimisation steps per image.
+        lr, milestones, gamma: Adam's learning rate, stepped down by ``gamma`` at the milestones
+            (fractions of ``steps`` or absolute steps).
+        batch_size: images optimised together (the chunk size).
+        record: positions whose final (corrected) features are exported, e.g. the inversion layers.
+        extras: per-image tensors carried to the result file untouched (true latents, labels, ids).
+        meta: anything JSON-able describing the run (variant, target source, command).
+        latent_name: where the latent enters the generator (see :func:`render`).
+    """
+
+    def __init__(self, generator: LayeredGenerator, targets: torch.Tensor, init_latents: torch.Tensor,
+                 positions: Sequence[str], loss: ReconstructionLoss | None = None, steps: int = 3000,
+                 lr: float = 0.01, milestones: Sequence[float] = (0.5, 0.75), gamma: float = 0.1,
+                 batch_size: int = 8, record: Sequence[str] = (), extras: Mapping[str, Any] | None = None,
+                 meta: Mapping[str, Any] | None = None, latent_name: str = LATENT):
+        super().__init__()
+        if targets.ndim != 4 or targets.shape[1] != 3:
+            raise ValueError(f"targets must be N x 3 x H x W, got {tuple(targets.shape)}")
+        if targets.shape[-1] != generator.resolution or targets.shape[-2] != generator.resolution:
+            raise ValueError(f"targets are {tuple(targets.shape[-2:])} but the generator makes "
+                             f"{generator.resolution}x{generator.resolution} images")
+        if init_latents.shape[0] != targets.shape[0]:
+            raise ValueError(f"{targets.shape[0]} targets but {init_latents.shape[0]} initial latents")
+        for p in positions:
+            generator.index(p)  # unknown names fail here
+        self.generator = generator.eval().requires_grad_(False)
+        self.loss = (loss or ReconstructionLoss()).eval()
+        self.positions = list(positions)
+        self.latent_name = latent_name
+        self.steps = int(steps) if self.positions else 0
+        self.lr, self.gamma = float(lr), float(gamma)
+        self.milestones = step_milestones(milestones, self.steps)
+        self.batch_size = int(batch_size)
+        if self.batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+        self.record = list(record)
+        self.extras = dict(extras or {})
+        self.meta = dict(meta or {})
+        self.automatic_optimization = False
+        # frozen networks are left out of checkpoints (see on_save_checkpoint)
+        self.strict_loading = False
+
+        n = targets.shape[0]
+        self.register_buffer("targets", targets.detach().float().clone())
+        self.register_buffer("init_latents", init_latents.detach().float().clone())
+        self.register_buffer("loss_curves", torch.full((n, self.steps), float("nan")))
+        shapes = feature_shapes(generator, self.init_latents, self.positions, latent_name)
+        self.chunks = [(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]
+        self.deltas = nn.ModuleList(
+            nn.ParameterDict({p: nn.Parameter(torch.zeros(e - s, *shapes[p])) for p in self.positions})
+            for s, e in self.chunks
+        )
+
+    # ------------------------------------------------------------ properties
+    @property
+    def num_images(self) -> int:
+        return self.targets.shape[0]
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps * len(self.chunks)
+
+    def train(self, mode: bool = True) -> "Reconstructor":
+        super().train(mode)
+        self.generator.eval()  # frozen: never training-mode behaviour
+        self.loss.eval()
+        return self
+
+    # ------------------------------------------------------------- rendering
+    def chunk_deltas(self, c: int) -> dict[str, torch.Tensor]:
+        return dict(self.deltas[c].items())
+
+    def render_chunk(self, c: int, zero: bool = False, record: Sequence[str] = ()):
+        s, e = self.chunks[c]
+        deltas = {} if zero else self.chunk_deltas(c)
+        return render(self.generator, self.init_latents[s:e], deltas, record, self.latent_name)
+
+    # -------------------------------------------------------------- training
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Ticks(self.total_steps), batch_size=1)
+
+    def configure_optimizers(self):
+        if not self.positions:
+            return None
+        pairs = []
+        for chunk in self.deltas:
+            opt = torch.optim.Adam(chunk.parameters(), lr=self.lr)
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=self.milestones, gamma=self.gamma)
+            pairs.append((opt, sched))
+        return [o for o, _ in pairs], [s for _, s in pairs]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int):
+        if self.global_step >= self.total_steps:
+            self.trainer.should_stop = True
+            return -1  # nothing left: skip the rest of the epoch
+        return None
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        k = self.global_step
+        c, step = k % len(self.chunks), k // len(self.chunks)
+        opts, scheds = self.optimizers(), self.lr_schedulers()
+        opts = opts if isinstance(opts, list) else [opts]
+        scheds = scheds if isinstance(scheds, list) else [scheds]
+        s, e = self.chunks[c]
+        deltas = self.chunk_deltas(c)
+        image, _ = render(self.generator, self.init_latents[s:e], deltas, latent_name=self.latent_name)
+        terms = self.loss.terms(image, self.targets[s:e], deltas)
+        per_image = terms["loss"]
+        if not torch.isfinite(per_image).all():
+            bad = (s + torch.nonzero(~torch.isfinite(per_image)).flatten()).tolist()
+            raise FloatingPointError(f"non-finite reconstruction loss at step {step} for images {bad}")
+        opts[c].zero_grad(set_to_none=True)
+        self.manual_backward(per_image.sum())  # SUM of per-image means: images stay independent
+        opts[c].step()
+        scheds[c].step()
+        self.loss_curves[s:e, step] = per_image.detach().float()
+        self.log("train/loss", per_image.mean(), prog_bar=True)
+        self.log("train/pixel", terms["pixel"].mean())
+        if "perceptual" in terms:
+            self.log("train/perceptual", terms["perceptual"].mean())
+        if k + 1 >= self.total_steps:
+            self.trainer.should_stop = True
+        return per_image.sum().detach()
+
+    # ------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(_FROZEN_PREFIXES)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith(_FROZEN_PREFIXES)}
+        missing = [k for k in own if k not in state]
+        wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or wrong:
+            raise ValueError(f"checkpoint does not fit this reconstruction: missing {missing[:4]}, "
+                             f"shape mismatch {wrong[:4]} (other targets, variant or steps?)")
+        for key in ("targets", "init_latents"):
+            if not torch.allclose(state[key].to(own[key]), own[key], atol=1e-5):
+                raise ValueError(f"checkpoint was made for other {key.replace('_', ' ')}: refusing to resume "
+                                 "(delete the run's checkpoints/ to start over)")
+
+    # ----------------------------------------------------------------- result
+    @torch.no_grad()
+    def result(self) -> dict[str, Any]:
+        """Everything the report needs, per image, on the CPU."""
+        was_training = self.training
+        self.eval()
+        initial, final, features, norms = [], [], {p: [] for p in self.record}, {p: [] for p in self.positions}
+        for c in range(len(self.chunks)):
+            initial.append(self.render_chunk(c, zero=True)[0].float().cpu())
+            image, rec = self.render_chunk(c, record=self.record)
+            final.append(image.float().cpu())
+            for p in self.record:
+                features[p].append(rec[p].float().cpu())
+            for p, d in self.chunk_deltas(c).items():
+                norms[p].append(d.detach().float().pow(2).flatten(1).mean(1).sqrt().cpu())
+        self.train(was_training)
+        initial_t, final_t = torch.cat(initial), torch.cat(final)
+        targets = self.targets.float().cpu()
+        out = {
+            "format": RESULT_FORMAT,
+            "targets": targets,
+            "initial": initial_t,
+            "final": final_t,
+            "init_latents": self.init_latents.cpu(),
+            "final_latents": self.final_latents().cpu(),
+            "positions": list(self.positions),
+            "delta_rms": {p: torch.cat(v) for p, v in norms.items()},
+            "loss_curves": self.loss_curves.cpu(),
+            "initial_pixel_l1": (initial_t - targets).abs().flatten(1).mean(1),
+            "final_pixel_l1": (final_t - targets).abs().flatten(1).mean(1),
+            "recovered_features": {p: torch.cat(v) for p, v in features.items()},
+            "steps": self.steps,
+            "steps_done": int(self.global_step) // max(1, len(self.chunks)),
+            "meta": dict(self.meta),
+        }
+        for k, v in self.extras.items():
+            out.setdefault(k, v.cpu() if torch.is_tensor(v) else v)
+        return out
+
+    def final_latents(self) -> torch.Tensor:
+        if LATENT not in self.positions:
+            return self.init_latents.clone()
+        return torch.cat([self.init_latents[s:e] + self.deltas[c][LATENT].detach()
+                          for c, (s, e) in enumerate(self.chunks)])
+
+    def export(self, output_dir: str | Path) -> Path:
+        """``reconstruction.pt`` plus per-image PNG strips and a CSV (see :mod:`seeing.reconstruct.report`)."""
+        from .report import write_per_image_files
+
+        result = self.result()
+        path = torch_save_atomic(result, Path(output_dir) / RESULT_FILE)
+        write_per_image_files(result, Path(output_dir))
+        return path
+
+
+def load_result(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no reconstruction result at {path}")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or obj.get("format") != RESULT_FORMAT:
+        raise ValueError(f"{path} is not a {RESULT_FORMAT} file")
+    return obj
+
+
+def chunk_count(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)

@@ -1,0 +1,128 @@
+"""Ablations (b) and (c): a direct encoder from an image straight to the latent, trained end to end.
+
+Unlike the layer-wise hybrid encoder, nothing is inverted layer by layer: a ResNet-18
+trunk (the same :class:`~seeing.inversion.encoder.ImageEncoder` the hybrid uses for E_f,
+with its head predicting the whole latent as a ``D x 1 x 1`` map) maps G(z) back to
+the latent, trained with
+
+    corr. error(E(G(z)), z) + image_weight * L1(G(E(G(z))), G(z))
+
+so gradients flow through the whole generator ("end to end"). The latent is ``z``,
+or w+ after ``mapping`` for style-based models (the same latent the hybrid recovers).
+
+``python train.py model=scenes_progan stage=direct_encoder`` writes
+``<run_root>/<model>/direct_encoder/direct_encoder.pt``; :func:`load_direct_encoder` reads it.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from seeing.gans.layered import LATENT, LayeredGenerator
+from seeing.inversion.correlation import correlation_error
+from seeing.inversion.encoder import EncoderSpec, ImageEncoder, encoder_spec
+from seeing.inversion.hybrid import generate_from_latent, module_record
+from seeing.inversion.inverters import probe_shapes
+from seeing.inversion.stages import InversionStage
+from seeing.inversion.values import feature_tensor
+from seeing.reporting import torch_save_atomic
+
+FORMAT = "seeing.reconstruct.direct_encoder/v1"
+STAGE = "direct_encoder"
+
+
+def latent_tensor_shape(generator: LayeredGenerator, latent_name: str) -> tuple[int, ...]:
+    """Per-image shape of the latent tensor searched ("z", or e.g. w+ after ``mapping``)."""
+    if latent_name == LATENT:
+        return tuple(generator.latent_shape)
+    return tuple(probe_shapes(generator, [latent_name])[latent_name])
+
+
+class DirectEncoder(nn.Module):
+    """Image in [-1, 1] ``(B, 3, S, S)`` -> latent ``(B, *latent_shape)``."""
+
+    def __init__(self, image_size: int, latent_shape: Sequence[int], latent_name: str = LATENT,
+                 trunk_stages: int | str = "auto", head_channels: int | None = None,
+                 spec: EncoderSpec | None = None):
+        super().__init__()
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.latent_name = latent_name
+        size = math.prod(self.latent_shape)
+        # a 1x1 "map" of the flattened latent: the trunk's features are pooled over the image
+        self.encoder = ImageEncoder(spec or encoder_spec(image_size, (size, 1, 1), latent_name,
+                                                         trunk_stages, head_channels))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images).reshape(images.shape[0], *self.latent_shape)
+
+    def to_file_dict(self, meta: Mapping[str, Any] | None = None, half: bool = False) -> dict[str, Any]:
+        return {"format": FORMAT, "latent_name": self.latent_name, "latent_shape": list(self.latent_shape),
+                "encoder": module_record(self.encoder, half), "meta": dict(meta or {})}
+
+
+def load_direct_encoder(path: str | Path, generator: LayeredGenerator | None = None,
+                        map_location: str | torch.device = "cpu") -> DirectEncoder:
+    """A :class:`DirectEncoder` from its file, in eval mode (checked against ``generator`` if given)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no direct encoder at {path}")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} file")
+    spec = EncoderSpec.from_dict(obj["encoder"]["spec"])
+    model = DirectEncoder(spec.image_size, obj["latent_shape"], obj["latent_name"], spec=spec)
+    model.encoder.load_state_dict({k: (v.float() if v.is_floating_point() else v)
+                                   for k, v in obj["encoder"]["state_dict"].items()})
+    if generator is not None:
+        shape = latent_tensor_shape(generator, model.latent_name)
+        if shape != model.latent_shape or spec.image_size != generator.resolution:
+            raise ValueError(f"{path}: the direct encoder maps {spec.image_size}px images to latents "
+                             f"{model.latent_shape}, but this generator makes {generator.resolution}px images "
+                             f"from {shape}: it was trained for another model")
+    model.meta = dict(obj.get("meta") or {})
+    return model.to(map_location).eval()
+
+
+class DirectEncoderStage(InversionStage):
+    """``stage=direct_encoder``: trains :class:`DirectEncoder` on generated images (see module doc)."""
+
+    def __init__(self, generator: LayeredGenerator, inversion_layers: Sequence[str], stage_name: str = STAGE,
+                 trunk_stages: int | str = "auto", head_channels: int | None = None, image_weight: float = 1.0,
+                 **kwargs):
+        super().__init__(generator, inversion_layers, stage_name, **kwargs)
+        self.image_weight = float(image_weight)
+        self.encoder = DirectEncoder(generator.resolution, latent_tensor_shape(generator, self.latent_name),
+                                     self.latent_name, trunk_stages, head_channels)
+
+    def trained_modules(self) -> nn.Module:
+        return self.encoder
+
+    def _pass(self, z: torch.Tensor):
+        with torch.no_grad():
+            latent = z if self.latent_name == LATENT else feature_tensor(
+                self.generator.features(z, [self.latent_name])[self.latent_name])
+            images = generate_from_latent(self.generator, self.latent_name, latent)
+        est = self.encoder(images)
+        recon = generate_from_latent(self.generator, self.latent_name, est)
+        return latent, images, est, recon
+
+    def losses(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        latent, images, est, recon = self._pass(z)
+        corr = correlation_error(est, latent)
+        pixel = (recon.float() - images.float()).abs().mean()
+        return {"loss": corr + self.image_weight * pixel, "corr_error_latent": corr, "pixel_l1": pixel}
+
+    def evaluate(self, z: torch.Tensor):
+        latent, images, est, recon = self._pass(z)
+        return {LATENT: (est, latent)}, {"pixel": (recon, images)}, (images, recon)
+
+    def export(self, output_dir: str | Path) -> Path:
+        output_dir = Path(output_dir)
+        scores = self.heldout_scores()
+        self.write_scores(output_dir, scores)
+        return torch_save_atomic(self.encoder.to_file_dict(self.export_meta(scores), self.hparams.export_half),
+                                 output_dir / f"{self.stage_name}.pt")

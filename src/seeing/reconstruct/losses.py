@@ -1,0 +1,145 @@
+"""The reconstruction objective, reduced to one number per image.
+
+``loss_i = L1(x_i, y_i) + w_p * L1(phi(x_i), phi(y_i)) + lambda * sum_l mean(delta_l[i]^2)``
+
+Every term is a mean over *one image's* elements, and the batch loss that is
+back-propagated is the SUM of these per-image numbers. So the gradient reaching
+image i's corrections is the gradient of loss_i alone, whatever else shares the
+batch; with an elementwise optimiser (Adam) every image is its own problem.
+
+``phi`` is VGG-16's convolutional trunk through relu4_2 (torchvision
+``features[:21]``) with ImageNet weights read from disk: nothing is downloaded.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG-16 weights
+RELU4_2 = 21  # features[:21] ends with the ReLU after conv4_2
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def default_vgg16_path() -> Path:
+    """Where torch hub caches torchvision's VGG-16: ``$TORCH_HOME/hub/checkpoints/vgg16-397923af.pth``."""
+    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch")
+    return Path(torch_home) / "hub" / "checkpoints" / VGG16_FILE
+
+
+def load_vgg16_trunk(path: Path) -> nn.Sequential:
+    """torchvision VGG-16 ``features[:21]`` with the weights stored in ``path`` (a full VGG-16
+    state dict as torchvision ships it, or just its ``features.*`` entries), frozen, eval mode."""
+    from torchvision.models import vgg16
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a VGG-16 state dict")
+    with torch.device("meta"):  # the architecture only: the 100M-parameter classifier is never allocated
+        trunk = vgg16(weights=None).features[:RELU4_2]
+    wanted = {k for k in trunk.state_dict()}
+    feats = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    missing = sorted(wanted - set(feats))
+    if missing:
+        raise ValueError(f"{path} is not a torchvision VGG-16 state dict: no features.{missing[0]} "
+                         f"({len(missing)} trunk tensors missing)")
+    trunk = trunk.to_empty(device="cpu")
+    try:
+        trunk.load_state_dict({k: feats[k] for k in wanted}, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not fit torchvision's VGG-16: {e}") from e
+    return trunk.eval().requires_grad_(False)
+
+
+class VGGPerceptual(nn.Module):
+    """Frozen VGG-16 features through relu4_2 of images in [-1, 1] (ImageNet-normalised inside)."""
+
+    def __init__(self, weights_path: str | Path | None = None):
+        super().__init__()
+        path = Path(weights_path).expanduser() if weights_path else default_vgg16_path()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"perceptual=vgg needs torchvision's ImageNet VGG-16 weights at {path} (file {VGG16_FILE}); "
+                "nothing is downloaded. Put the file there (or set stage.module.loss.vgg_path / $TORCH_HOME), "
+                "or use perceptual=none.")
+        self.features = load_vgg16_trunk(path)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.source = str(path)
+
+    def train(self, mode: bool = True) -> "VGGPerceptual":
+        return super().train(False)  # a fixed measuring instrument
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = ((images + 1) / 2 - self.mean) / self.std
+        return self.features(x)
+
+
+def per_image_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over everything but the batch dimension."""
+    return t.reshape(t.shape[0], -1).mean(dim=1)
+
+
+class ReconstructionLoss(nn.Module):
+    """Per-image reconstruction loss (a vector with one entry per image).
+
+    Args:
+        perceptual: ``"none"`` or ``"vgg"``.
+        perceptual_weight: weight of the VGG feature L1 term.
+        delta_weight: lambda, the weight of ``sum_l mean(delta_l^2)`` for layer corrections.
+        latent_delta_weight: the same for a correction of the latent (0: a latent
+            that moves freely, as in direct optimisation of z).
+        vgg_path: VGG-16 weights file (default: the torch hub cache).
+    """
+
+    def __init__(self, perceptual: str = "none", perceptual_weight: float = 1.0, delta_weight: float = 0.01,
+                 latent_delta_weight: float = 0.0, vgg_path: str | Path | None = None):
+        super().__init__()
+        if perceptual not in ("none", "vgg"):
+            raise ValueError(f"perceptual must be 'none' or 'vgg', got {perceptual!r}")
+        self.perceptual = VGGPerceptual(vgg_path) if perceptual == "vgg" else None
+        self.perceptual_weight = float(perceptual_weight)
+        self.delta_weight = float(delta_weight)
+        self.latent_delta_weight = float(latent_delta_weight)
+
+    def terms(self, image: torch.Tensor, target: torch.Tensor,
+              deltas: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Each term per image (float32), and their weighted sum under ``"loss"``."""
+        image, target = image.float(), target.float()
+        out = {"pixel": per_image_mean((image - target).abs())}
+        total = out["pixel"]
+        if self.perceptual is not None:
+            out["perceptual"] = per_image_mean((self.perceptual(image) - self.perceptual(target)).abs()).float()
+            total = total + self.perceptual_weight * out["perceptual"]
+        reg = torch.zeros_like(total)
+        for name, d in (deltas or {}).items():
+            weight = self.latent_delta_weight if name == "z" else self.delta_weight
+            if weight:
+                reg = reg + weight * per_image_mean(d.float() ** 2)
+        out["delta"] = reg
+        out["loss"] = total + reg
+        return out
+
+    def forward(self, image: torch.Tensor, target: torch.Tensor,
+                deltas: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.terms(image, target, deltas)["loss"]
+
+
+def pixel_l1(image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image mean absolute error (images in [-1, 1])."""
+    return per_image_mean((image.float() - target.float()).abs())
+
+
+def resize_to(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Square images resized to ``size`` (area-averaged when shrinking)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    mode = "area" if images.shape[-1] > size else "bilinear"
+    kwargs = {} if mode == "area" else {"align_corners": False}
+    return F.interpolate(images, size=(size, size), mode=mode, **kwargs)

@@ -1,0 +1,131 @@
+"""``stage=reconstruct``: build a :class:`~seeing.reconstruct.deltas.Reconstructor` from config.
+
+    python train.py stage=reconstruct variant=f                       # held-out real scenes
+    python train.py stage=reconstruct variant=f stage.targets.kind=generated
+    python train.py -m stage=reconstruct variant=a,b,c,d,e,f          # the ablation
+
+The encoders a variant starts from are found like every stage output, by convention:
+``<run_root>/<model>/hybrid/hybrid.pt`` (else the package's shipped
+``seeing/assets/<model>_hybrid.pt``) and ``<run_root>/<model>/direct_encoder/direct_encoder.pt``;
+``hybrid_path`` / ``direct_encoder_path`` name other files.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from seeing.gans.layered import LATENT, LayeredGenerator
+from seeing.inversion.inverters import check_chain
+
+from .deltas import Reconstructor, correction_positions
+from .init import initial_latents
+from .losses import ReconstructionLoss
+from .targets import TargetSet, generated_targets, real_targets
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def _missing(what: str, tried: Sequence[Path], command: str) -> FileNotFoundError:
+    return FileNotFoundError(f"{what} not found (looked for {', '.join(str(p) for p in tried)}). "
+                             f"Make it with `{command}`, or name a file explicitly.")
+
+
+def find_hybrid(run_root: str | Path, model_name: str, explicit: str | Path | None = None) -> Path:
+    """The hybrid encoder file: ``explicit``, the stage output, or the shipped asset."""
+    if explicit:
+        p = Path(explicit)
+        if not p.is_file():
+            raise FileNotFoundError(f"hybrid encoder file {p} does not exist")
+        return p
+    tried = [Path(run_root) / model_name / "hybrid" / "hybrid.pt", ASSETS / f"{model_name}_hybrid.pt"]
+    for p in tried:
+        if p.is_file():
+            return p
+    raise _missing(f"the hybrid encoder of {model_name!r}", tried,
+                   f"python train.py -m model={model_name} stage=layer1,layer2,layer3,layer4,encoder "
+                   f"&& python train.py model={model_name} stage=hybrid")
+
+
+def find_direct_encoder(run_root: str | Path, model_name: str, explicit: str | Path | None = None) -> Path:
+    if explicit:
+        p = Path(explicit)
+        if not p.is_file():
+            raise FileNotFoundError(f"direct encoder file {p} does not exist")
+        return p
+    tried = [Path(run_root) / model_name / "direct_encoder" / "direct_encoder.pt",
+             ASSETS / f"{model_name}_direct_encoder.pt"]
+    for p in tried:
+        if p.is_file():
+            return p
+    raise _missing(f"the direct encoder of {model_name!r}", tried,
+                   f"python train.py model={model_name} stage=direct_encoder")
+
+
+def build_targets(generator: LayeredGenerator, targets: Mapping[str, Any], record: Sequence[str],
+                  latent_name: str) -> TargetSet:
+    kind = targets.get("kind", "real")
+    count, seed, offset = int(targets.get("count", 16)), int(targets.get("seed", 0)), int(targets.get("offset", 0))
+    if kind == "generated":
+        return generated_targets(generator, count, seed, offset, record=record, latent_name=latent_name)
+    if kind == "real":
+        source = targets.get("source")
+        if source is None:
+            raise ValueError("targets.kind=real needs targets.source (an image source config)")
+        if not hasattr(source, "batches"):
+            import hydra
+
+            source = hydra.utils.instantiate(source)
+        return real_targets(source, count, generator.resolution, targets.get("with_classes") or (),
+                            float(targets.get("min_fraction", 0.01)))
+    raise ValueError(f"targets.kind must be real or generated, got {kind!r}")
+
+
+def build_reconstructor(generator: LayeredGenerator, inversion_layers: Sequence[str], variant: Mapping[str, Any],
+                        targets: Mapping[str, Any], model_name: str = "", run_root: str | Path = "runs",
+                        loss: Mapping[str, Any] | None = None, steps: int = 3000, lr: float = 0.01,
+                        milestones: Sequence[float] = (0.5, 0.75), gamma: float = 0.1, batch_size: int = 8,
+                        hybrid_path: str | None = None, direct_encoder_path: str | None = None,
+                        init_seed: int = 0, hybrid: torch.nn.Module | None = None,
+                        direct_encoder: torch.nn.Module | None = None) -> Reconstructor:
+    """The reconstruct stage's module for one variant (``init`` x ``optimize``).
+
+    ``hybrid`` / ``direct_encoder`` may be given as modules (tests); otherwise they are
+    loaded from their files (see :func:`find_hybrid`, :func:`find_direct_encoder`).
+    """
+    init = variant.get("init", "hybrid")
+    layers = list(inversion_layers)
+    latent_name = check_chain(generator, layers)
+    positions = correction_positions(variant.get("optimize", "deltas"), layers, bool(variant.get("latent_delta")))
+    record = [LATENT] + layers
+    target_set = build_targets(generator, targets, record, latent_name)
+    encoder = None
+    if init == "hybrid":
+        if hybrid is None:
+            from seeing.inversion.hybrid import load_hybrid_encoder
+
+            path = find_hybrid(run_root, model_name, hybrid_path)
+            log.info("hybrid encoder: %s", path)
+            hybrid = load_hybrid_encoder(path, generator)
+        encoder = hybrid.eval()
+    elif init == "direct_encoder":
+        if direct_encoder is None:
+            from .direct_encoder import load_direct_encoder
+
+            path = find_direct_encoder(run_root, model_name, direct_encoder_path)
+            log.info("direct encoder: %s", path)
+            direct_encoder = load_direct_encoder(path, generator)
+        encoder = direct_encoder.eval()
+    z0 = initial_latents(init, generator, target_set.images, target_set.ids, encoder=encoder, seed=init_seed,
+                         latent_name=latent_name)
+    meta = {"variant": dict(variant), "model": model_name, "init": init, "positions": positions,
+            "targets": target_set.description, "target_kind": target_set.kind, "steps": int(steps),
+            "lr": float(lr), "command": " ".join(["python", *sys.argv])}
+    return Reconstructor(generator, target_set.images, z0, positions, ReconstructionLoss(**dict(loss or {})),
+                         steps=steps, lr=lr, milestones=list(milestones), gamma=gamma, batch_size=batch_size,
+                         record=record, extras=target_set.extras(), meta=meta, latent_name=latent_name)
