@@ -397,3 +397,38 @@ class GeneratorSource(ImageSource):
         for i in range(0, n, batch_size):
             images = gen(z_all[i : i + batch_size].to(device)).clamp(-1, 1)
             yield Batch(_resize_square(images.float(), resolution))
+
+
+# ---------------------------------------------------------------------------- tensors in memory
+
+
+class TensorSource(ImageSource):
+    """Images already in memory (``N x 3 x H x W`` in [-1, 1], optional ``N x H x W`` labels):
+    tally a tensor from Python, or time the tally machinery without any decoding."""
+
+    kind = "tensor"
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None, name: str | None = None):
+        super().__init__(name)
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be N x 3 x H x W, got {tuple(images.shape)}")
+        if len(images) == 0:
+            raise EmptySourceError("TensorSource got no images")
+        self.images, self.labels = images, labels
+        self.has_labels = labels is not None
+
+    def identity(self) -> dict[str, Any]:
+        # content hash: two different tensors must never share cached tallies
+        import hashlib
+
+        digest = hashlib.sha256(self.images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        return {**super().identity(), "sha256": digest}
+
+    def _batches(self, n, batch_size, resolution, start, device):
+        stop = min(start + n, len(self.images))
+        for i in range(start, stop, batch_size):
+            j = min(i + batch_size, stop)
+            labels = self.labels[i:j].to(device) if self.labels is not None else None
+            if labels is not None and labels.shape[-1] != resolution:
+                raise ValueError(f"labels are {labels.shape[-1]} px, the tally asked for {resolution}")
+            yield Batch(_resize_square(self.images[i:j].to(device), resolution), labels)
