@@ -22,6 +22,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from torchmetrics import MeanMetric, MeanSquaredError
@@ -95,6 +96,11 @@ class InversionStage(pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["generator"])
+        # checkpoints are read back with weights_only=True: keep hyperparameters plain Python
+        for hp in (self._hparams, self._hparams_initial):
+            for k, v in list(hp.items()):
+                if isinstance(v, (DictConfig, ListConfig)):
+                    hp[k] = OmegaConf.to_container(v, resolve=True)
         if not isinstance(generator, LayeredGenerator):
             raise TypeError(f"generator must be a LayeredGenerator, got {type(generator).__name__}")
         if lr_decay not in ("cosine", "none"):
@@ -167,7 +173,7 @@ class InversionStage(pl.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.trained_modules().parameters(), lr=self.hparams.lr,
                                betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay)
-        steps = self.trainer.max_steps if self.trainer is not None else -1
+        steps = self._trainer.max_steps if self._trainer is not None else -1
         if self.hparams.lr_decay == "none" or steps is None or steps <= 0:
             return opt
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=self.hparams.lr * 0.01)
@@ -210,7 +216,7 @@ class InversionStage(pl.LightningModule):
         k = min(self.hparams.grid_size, images.shape[0])
         pair = torch.cat([images[:k], recon[:k]]).float().clamp(-1, 1).add(1).div(2).cpu()
         grid = make_grid(pair, nrow=k, padding=1).permute(1, 2, 0).numpy()
-        root = Path(self.trainer.default_root_dir) if self.trainer is not None else Path(".")
+        root = Path(self._trainer.default_root_dir) if self._trainer is not None else Path(".")
         fig, ax = plt.subplots(figsize=(1.2 * k, 2.6))
         ax.imshow(grid)
         ax.set_axis_off()

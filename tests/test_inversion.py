@@ -1,0 +1,232 @@
+"""Layer-wise inversion on tiny random generators: the building blocks, every stage through
+Hydra + Lightning, checkpoints, the hybrid assembly and the missing-stage error."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import hydra
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from seeing.gans import ProGANGenerator, load_generator, save_generator
+from seeing.inversion.correlation import MeanCorrelation, correlation_error
+from seeing.inversion.encoder import ImageEncoder, encoder_spec
+from seeing.inversion.hybrid import (
+    inverter_from_record,
+    load_hybrid_encoder,
+    locate_stage_output,
+    new_hybrid_encoder,
+    read_inversion_file,
+)
+from seeing.inversion.inverters import build_layer_inverter
+from seeing.pipeline import train
+
+LAYERS = ["layer1", "layer2", "layer3", "layer4"]
+# fast CPU runs: no progress bar, CSV logs, a couple of steps, a tiny held-out set
+QUICK = [
+    "logger=csv",
+    "callbacks.progress=null",
+    "trainer.enable_progress_bar=false",
+    "+stage.trainer.enable_model_summary=false",
+    "+stage.trainer.num_sanity_val_steps=0",
+    "stage.trainer.max_steps=4",
+    "stage.trainer.val_check_interval=4",
+    "stage.module.batch_size=8",
+    "stage.module.val_size=8",
+    "stage.module.val_batch_size=8",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_progan_file(tmp_path_factory) -> Path:
+    """A random 16x16 ProGAN in the project's generator file format (what model=scenes_progan reads)."""
+    torch.manual_seed(0)
+    g = ProGANGenerator(z_dim=16, widths=[16, 16, 8])
+    path = tmp_path_factory.mktemp("gen") / "tiny_progan.pt"
+    save_generator(g, path, meta={"z_dim": 16, "widths": [16, 16, 8]})
+    return path
+
+
+def tiny(path: Path) -> list[str]:
+    return [f"model.checkpoint={path}", *QUICK]
+
+
+# ------------------------------------------------------------------ building blocks
+def test_correlation_error_measures_direction_per_location():
+    a = torch.randn(3, 5, 4, 4)
+    assert correlation_error(a, 2.5 * a).item() == pytest.approx(0.0, abs=1e-6)
+    assert correlation_error(a, -a).item() == pytest.approx(2.0, abs=1e-6)
+    b = a.clone()
+    b[:, :, 0, 0] *= -1  # one location of 16 flipped
+    assert correlation_error(a, b).item() == pytest.approx(2.0 / 16, abs=1e-5)
+    # w+ (B, L, D): compared row by row along D, not across rows
+    w = torch.randn(2, 6, 7)
+    w2 = w * torch.rand(2, 6, 1).add(0.5)  # each row rescaled differently: same directions
+    assert correlation_error(w, w2).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_mean_correlation_metric_accumulates_over_batches():
+    metric = MeanCorrelation()
+    a, b = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    metric.update(a[:1], b[:1])
+    metric.update(a[1:], b[1:])
+    expected = torch.nn.functional.cosine_similarity(a, b, dim=1).mean()
+    assert metric.compute().item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_inverters_map_each_layer_back_to_the_previous_shape():
+    g = ProGANGenerator(z_dim=16, widths=[16, 16, 8]).eval()
+    z = g.sample_z(3)
+    feats = g.features(z, ["z", *LAYERS])
+    prev = ["z", *LAYERS[:-1]]
+    for name, before in zip(LAYERS, prev):
+        inv = build_layer_inverter(g, name).eval()
+        out = inv(feats[name])
+        assert out.shape == feats[before].shape, name
+    # layer3 upsampled 4x4 -> 8x8: its inverter ends in a strided 1x1 conv
+    assert build_layer_inverter(g, "layer3").net.to_previous.stride == (2, 2)
+    # the first inverter returns a pixel-normalised z (unit RMS)
+    z_hat = build_layer_inverter(g, "layer1").eval()(feats["layer1"])
+    assert torch.allclose(z_hat.pow(2).mean(1), torch.ones(3), atol=1e-4)
+
+
+@pytest.mark.parametrize("image_size,out_hw,stages", [(256, 8, 4), (64, 8, 2), (16, 8, 2)])
+def test_image_encoder_reaches_r_n_resolution(image_size, out_hw, stages):
+    spec = encoder_spec(image_size, (12, out_hw, out_hw), "layer4")
+    assert spec.stages == stages
+    enc = ImageEncoder(spec).eval()
+    assert enc(torch.randn(1, 3, image_size, image_size)).shape == (1, 12, out_hw, out_hw)
+
+
+# ------------------------------------------------------------------ stages through Hydra + Lightning
+def _module(compose, stage: str, overrides: list[str]):
+    cfg = compose("train", [f"stage={stage}", *overrides])
+    try:
+        return cfg, hydra.utils.instantiate(cfg.stage.module)
+    except hydra.errors.InstantiationException as err:
+        raise err.__cause__ from None  # what the stage itself raised
+
+
+@pytest.mark.parametrize("stage", ["layer1", "layer3", "encoder"])
+def test_stage_loss_falls_on_a_fixed_batch(compose, tiny_progan_file, tmp_path, stage):
+    _, module = _module(compose, stage, tiny(tiny_progan_file) + ["stage.module.lr_decay=none"])
+    z = module.generator.sample_z(8, seed=123)
+    module.eval()
+    with torch.no_grad():
+        before = module.losses(z)["loss"].item()
+    trainer = pl.Trainer(max_steps=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=DataLoader([z] * 20, batch_size=None))
+    module.eval()
+    with torch.no_grad():
+        after = module.losses(z)["loss"].item()
+    assert math.isfinite(after) and after < 0.7 * before, (before, after)
+
+
+def test_all_stages_train_export_and_assemble_into_the_hybrid(compose, tiny_progan_file, tmp_path):
+    runs = tmp_path / "runs" / "scenes_progan"
+    with pytest.raises(FileNotFoundError, match=r"python train\.py model=scenes_progan stage=layer1"):
+        _module(compose, "hybrid", tiny(tiny_progan_file))
+
+    for stage in [*LAYERS, "encoder"]:
+        cfg = compose("train", [f"stage={stage}", *tiny(tiny_progan_file)])
+        metrics = train(cfg)
+        assert (runs / stage / f"{stage}.pt").is_file()
+        assert (runs / stage / "checkpoints" / "last.ckpt").is_file()
+        assert any(k.startswith("val/corr_") for k in metrics), metrics
+        assert list((runs / stage / "images").glob("step_*.png")), "no image grid written"
+
+    # the hybrid starts from exactly the stage weights
+    cfg, module = _module(compose, "hybrid", tiny(tiny_progan_file))
+    layer3 = inverter_from_record(read_inversion_file(runs / "layer3" / "layer3.pt")["inverters"]["layer3"])
+    for k, v in layer3.state_dict().items():
+        assert torch.equal(module.encoder.inverters["layer3"].state_dict()[k], v), k
+
+    metrics = train(cfg)
+    assert {"val/corr_z", "val/corr_layer4", "val/mse_pixel"} <= set(metrics)
+    hybrid_file = runs / "hybrid" / "hybrid.pt"
+    generator = load_generator(tiny_progan_file)
+    encoder = load_hybrid_encoder(hybrid_file, generator)
+    assert encoder.meta["heldout"]["size"] == 8 and "corr_layer4" in encoder.meta["heldout"]
+    # the exported file holds the fine-tuned weights (those of the final checkpoint), not the stages'
+    ckpt = torch.load(runs / "hybrid" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4
+    trained = {k.removeprefix("encoder."): v for k, v in ckpt["state_dict"].items() if k.startswith("encoder.")}
+    assert trained.keys() == encoder.state_dict().keys()
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(v, trained[k]), k
+    assert not torch.equal(trained["inverters.layer3.net.conv1.weight"], layer3.net.conv1.weight)
+    images = generator(generator.sample_z(4, seed=7))
+    with torch.no_grad():
+        est = encoder.invert(images)
+    assert set(est) == {"z", *LAYERS}
+    assert est["z"].shape == (4, 16) and encoder.generate(generator, est["z"]).shape == images.shape
+
+    # an explicitly named file replaces the conventional one; a wrong one errors
+    (runs / "layer2" / "layer2.pt").rename(tmp_path / "elsewhere.pt")
+    with pytest.raises(FileNotFoundError, match="stage=layer2"):
+        _module(compose, "hybrid", tiny(tiny_progan_file))
+    _module(compose, "hybrid", tiny(tiny_progan_file) + [f"+stage.module.stage_files.layer2={tmp_path}/elsewhere.pt"])
+    with pytest.raises(ValueError, match="holds a 'inverter', expected a 'encoder'"):
+        _module(compose, "hybrid", tiny(tiny_progan_file)
+                + [f"+stage.module.stage_files.layer2={tmp_path}/elsewhere.pt",
+                   f"+stage.module.stage_files.encoder={tmp_path}/elsewhere.pt"])
+
+
+def test_checkpoint_resume_continues_training_and_stream(compose, tiny_progan_file, tmp_path):
+    base = tiny(tiny_progan_file) + ["stage=layer2", "callbacks.checkpoint.every_n_train_steps=3"]
+    train(compose("train", base + ["stage.trainer.max_steps=3"]))
+    last = tmp_path / "runs" / "scenes_progan" / "layer2" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3
+    assert not any(k.startswith("generator.") for k in ckpt["state_dict"]), "frozen generator stored"
+    saved = {k.removeprefix("inverter."): v for k, v in ckpt["state_dict"].items() if k.startswith("inverter.")}
+
+    cfg = compose("train", base + ["stage.trainer.max_steps=5", "ckpt_path=last"])
+    module = hydra.utils.instantiate(cfg.stage.module)
+    seen: list[int] = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if not seen:  # restored weights at the first resumed step
+                for k, v in saved.items():
+                    assert torch.equal(pl_module.inverter.state_dict()[k], v), k
+            seen.append(trainer.global_step)
+            # the resumed stream continues where the first run stopped
+            from seeing.inversion.stages import TRAIN_SEED_BASE
+            assert torch.equal(batch, pl_module.generator.sample_z(8, seed=TRAIN_SEED_BASE + trainer.global_step))
+
+    trainer = pl.Trainer(max_steps=5, logger=False, callbacks=[Probe()], enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, ckpt_path=str(last))
+    assert seen == [3, 4]
+
+
+def test_missing_stage_file_error_names_the_command(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        locate_stage_output(tmp_path, "progan", "encoder")
+    msg = str(err.value)
+    assert str(tmp_path / "progan" / "encoder" / "encoder.pt") in msg
+    assert "python train.py model=progan stage=encoder" in msg
+
+
+def test_hybrid_file_refuses_another_generator(tmp_path):
+    g = ProGANGenerator(z_dim=16, widths=[16, 16, 8]).eval()
+    enc = new_hybrid_encoder(g, LAYERS)
+    from seeing.reporting import torch_save_atomic
+
+    torch_save_atomic(enc.to_file_dict(), tmp_path / "h.pt")
+    load_hybrid_encoder(tmp_path / "h.pt", g)
+    with pytest.raises(ValueError, match="trained for another model"):
+        load_hybrid_encoder(tmp_path / "h.pt", ProGANGenerator(z_dim=16, widths=[32, 16, 8]))
+
+
+def test_non_finite_loss_stops_training(compose, tiny_progan_file):
+    _, module = _module(compose, "layer2", tiny(tiny_progan_file))
+    with torch.no_grad():
+        module.inverter.net.conv1.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        module.training_step(module.generator.sample_z(4, seed=1), 0)
