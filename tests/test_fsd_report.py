@@ -140,10 +140,24 @@ def test_class_count_mismatch_is_a_clear_error(compose, tiny_segmenter):
         evaluate(cfg)
 
 
-def test_missing_segmenter_weights_name_the_file(compose, tmp_path):
+def test_missing_weights_files_are_named(compose, tmp_path, tiny_segmenter):
     missing = tmp_path / "nowhere" / "segmenter.pt"
     cfg = compose("evaluate", ["metric=fsd", f"segmenter.path={missing}", "metric.n=4", "logger=csv"])
     with pytest.raises(FileNotFoundError, match=str(missing)):
+        evaluate(cfg)
+    no_gan = tmp_path / "nowhere" / "generator.pt"
+    cfg = compose("evaluate", ["metric=fsd", "fake=generator", "model=scenes_progan", f"model.checkpoint={no_gan}",
+                               f"segmenter.path={tiny_segmenter}", "metric.n=4", "metric.resolution=16",
+                               "logger=csv"])
+    with pytest.raises(FileNotFoundError, match=str(no_gan)):
+        evaluate(cfg)
+
+
+def test_empty_source_through_evaluate_is_a_clear_error(compose, tmp_path, tiny_segmenter):
+    (tmp_path / "no_images").mkdir()
+    cfg = compose("evaluate", ["metric=fsd", "real=folder", f"real.path={tmp_path / 'no_images'}",
+                               f"segmenter.path={tiny_segmenter}", "metric.n=4", "logger=csv"])
+    with pytest.raises(EmptySourceError, match="no image files"):
         evaluate(cfg)
 
 
