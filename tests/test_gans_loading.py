@@ -196,10 +196,11 @@ def test_checkpoint_dicts_are_unwrapped_preferring_the_smoothed_generator(tmp_pa
     checkpoint = {"generator": perturbed, "generator_smooth": ref["state_dict"], "discriminator": {}}
     path = tmp_path / "pggan_churchoutdoor256.pth"
     torch.save(checkpoint, path)
+    z, image = ref["z"][:1], ref["image"][:1]  # one image is enough to tell weights apart
     for source in (checkpoint, path, str(path)):
-        assert max_diff(load_generator(source)(ref["z"]), ref["image"]) < TOL
-    only_raw = load_generator({"generator": perturbed})(ref["z"])
-    assert max_diff(only_raw, ref["image"]) > 1e-2
+        assert max_diff(load_generator(source)(z), image) < TOL
+    only_raw = load_generator({"generator": perturbed})(z)
+    assert max_diff(only_raw, image) > 1e-2
     ganseeing = golden("ganseeing_proggan")
     assert max_diff(load_generator({"state_dict": ganseeing["state_dict"]})(ganseeing["z"]), ganseeing["image"]) < TOL
 
@@ -264,7 +265,7 @@ def test_hydra_model_config_instantiates_the_generator(model, fixture):
     g = instantiate(cfg.model.generator)
     assert isinstance(g, LayeredGenerator)
     ref = golden(fixture)
-    assert max_diff(g(ref["z"]), ref["image"].clamp(-1, 1)) < TOL
+    assert max_diff(g(ref["z"][:1]), ref["image"][:1].clamp(-1, 1)) < TOL
     layers = list(cfg.model.inversion_layers)
     start = g.layer_names.index(layers[0])
     assert g.layer_names[start:start + len(layers)] == layers  # consecutive, real layer names
