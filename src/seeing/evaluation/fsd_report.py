@@ -250,6 +250,11 @@ def _build_segmenter(cfg: DictConfig, device: torch.device):
     return segmenter.to(device).eval()
 
 
+def _segmenter_label(cfg: DictConfig, segmenter) -> str:
+    name = cfg.segmenter.get("name") if isinstance(cfg.segmenter, DictConfig) else None
+    return f"{type(segmenter).__name__}" + (f" ({name})" if name else "")
+
+
 def _side_report(name: str, source: ImageSource, tally: Tally) -> dict[str, Any]:
     return {
         "source": source.describe(),
@@ -291,7 +296,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if m.get("num_classes") is not None and int(m.num_classes) != num_classes:
         raise ValueError(
             f"class-count mismatch: metric.num_classes={m.num_classes} but the segmenter "
-            f"({'oracle' if oracle else cfg.segmenter.get('_target_')}) has {num_classes} classes"
+            f"({'oracle' if oracle else _segmenter_label(cfg, segmenter)}) has {num_classes} classes"
         )
 
     real: ImageSource = hydra.utils.instantiate(cfg.real)
@@ -335,7 +340,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "cov_term": result["cov_term"],
         "fsd_real_vs_real": baseline,
         "num_classes": num_classes,
-        "segmenter": "oracle (ground-truth labels)" if oracle else cfg.segmenter.get("_target_"),
+        "segmenter": "oracle (ground-truth labels)" if oracle else _segmenter_label(cfg, segmenter),
         "resolution": int(m.resolution),
         "n": int(m.n),
         "real": _side_report("real", real, real_tally),
