@@ -22,6 +22,7 @@ from seeing.inversion.hybrid import (
     read_inversion_file,
 )
 from seeing.inversion.inverters import build_layer_inverter
+from seeing.inversion.values import feature_tensor
 from seeing.pipeline import train
 
 LAYERS = ["layer1", "layer2", "layer3", "layer4"]
@@ -230,3 +231,65 @@ def test_non_finite_loss_stops_training(compose, tiny_progan_file):
         module.inverter.net.conv1.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         module.training_step(module.generator.sample_z(4, seed=1), 0)
+
+
+# ------------------------------------------------------------------ every zoo layout
+FIXTURE_CKPTS = Path(__file__).resolve().parent / "fixtures" / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def tiny_wgangp_file(tmp_path_factory) -> Path:
+    from seeing.gans import WGANGPGenerator
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("gen") / "tiny_wgangp.pt"
+    save_generator(WGANGPGenerator(z_dim=8, widths=[8, 8, 8]), path)
+    return path
+
+
+@pytest.mark.parametrize("model,checkpoint", [
+    ("progan", "ganseeing_proggan_256.pt"),
+    ("progan", "genforce_pggan_256.pt"),
+    ("wgangp", None),
+    ("stylegan", "genforce_stylegan_256.pt"),
+    ("stylegan2", "genforce_stylegan2_256.pt"),
+])
+def test_layer_stages_run_for_every_zoo_layout(compose, tmp_path, tiny_wgangp_file, model, checkpoint):
+    """The same stage code on tiny random weights of each layout (the 256px fixtures)."""
+    path = FIXTURE_CKPTS / checkpoint if checkpoint else tiny_wgangp_file
+    overrides = [f"model={model}", f"model.checkpoint={path}", *QUICK, "stage.trainer.max_steps=2",
+                 "stage.trainer.val_check_interval=2", "stage.module.batch_size=2", "stage.module.val_size=2",
+                 "stage.module.grid_size=2"]
+    # stage layer1 through the real entry point: its inverter predicts the latent (z, or w+)
+    metrics = train(compose("train", ["stage=layer1", *overrides]))
+    out = tmp_path / "runs" / model / "layer1" / "layer1.pt"
+    record = read_inversion_file(out, "inverter")
+    (layer, rec), = record["inverters"].items()
+    generator = load_generator(path)
+    latent_name = "mapping" if model.startswith("stylegan") else "z"
+    assert rec["spec"]["target"] == latent_name
+    assert math.isfinite(metrics[f"val/corr_{latent_name}"])
+
+    # every other inversion layer, the encoder and the hybrid: one optimisation step each
+    cfg = compose("train", ["stage=layer1", *overrides])
+    layers = list(cfg.model.inversion_layers)
+    z = generator.sample_z(2, seed=3)
+    stage_files = {"layer1": str(out)}
+    for n in range(2, len(layers) + 1):
+        _, module = _module(compose, f"layer{n}", overrides)
+        module.losses(z)["loss"].backward()
+        assert module.inverter.net.conv1.weight.grad.abs().sum() > 0
+        stage_files[f"layer{n}"] = str(module.export(tmp_path / f"layer{n}"))
+    _, module = _module(compose, "encoder", overrides)
+    stage_files["encoder"] = str(module.export(tmp_path / "encoder"))
+    _, hybrid = _module(compose, "hybrid", overrides + [f"+stage.module.stage_files.{k}={v}"
+                                                         for k, v in stage_files.items()])
+    terms = hybrid.losses(z)
+    terms["loss"].backward()
+    assert all(math.isfinite(v.item()) for v in terms.values()), terms
+    images = generator(z)
+    with torch.no_grad():
+        est = hybrid.encoder.invert(images)
+        latent = feature_tensor(hybrid.features(z, [latent_name])[latent_name])
+        assert est["z"].shape == latent.shape  # z, or w+ (B, num_ws, w_dim) for style-based models
+        assert hybrid.encoder.generate(generator, est["z"]).shape == images.shape

@@ -78,8 +78,9 @@ class HybridEncoder(nn.Module):
         if not self.layers or self.layers[-1] != self.target:
             raise ValueError(f"the image encoder predicts {self.target!r} but the last inverted layer is "
                              f"{self.layers[-1] if self.layers else None!r}")
-        for i, name in enumerate(self.layers):
-            expected = self.layers[i - 1] if i else LATENT
+        # the first inverter predicts the latent ("z", or w+ after "mapping"); the others chain
+        for i, name in enumerate(self.layers[1:], start=1):
+            expected = self.layers[i - 1]
             if inverters[name].spec.target != expected:
                 raise ValueError(f"inverter of {name} predicts {inverters[name].spec.target!r}, "
                                  f"expected {expected!r}")
