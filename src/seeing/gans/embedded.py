@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
+from .loading import load_generator
 from .progan import ProGANGenerator
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "scenes_progan.pt"
@@ -17,7 +16,8 @@ MAKE_COMMAND = "python train.py stage=gan data=scenes model=scenes_progan"
 
 
 def embedded_generator(checkpoint: str | Path | None = None) -> ProGANGenerator:
-    """The shipped scenes GAN (``checkpoint=None``) or the generator file at ``checkpoint``, in eval mode."""
+    """The shipped scenes GAN (``checkpoint=None``) or the generator file at ``checkpoint``,
+    in eval mode with frozen weights."""
     path = Path(checkpoint) if checkpoint else ASSET
     if not path.is_file():
         raise FileNotFoundError(
@@ -25,20 +25,4 @@ def embedded_generator(checkpoint: str | Path | None = None) -> ProGANGenerator:
             f"<run_root>/scenes_progan/gan/generator.pt; pass it as model.checkpoint=<path> "
             f"(the packaged default is {ASSET})"
         )
-    try:
-        from .loading import load_generator
-    except ImportError:
-        load_generator = None
-    generator = load_generator(path) if load_generator is not None else _load_progan_file(path)
-    return generator.eval()
-
-
-def _load_progan_file(path: Path) -> ProGANGenerator:
-    """Read ``{"layout": "ganseeing_proggan", "state_dict": ..., "meta": {...}}``."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("layout") != "ganseeing_proggan":
-        raise ValueError(f"{path} is not a generator file written by stage=gan (layout ganseeing_proggan)")
-    meta = blob.get("meta", {})
-    generator = ProGANGenerator(int(meta["z_dim"]), list(meta["widths"]))
-    generator.load_layout_state_dict(blob["state_dict"])
-    return generator
+    return load_generator(path, layout="ganseeing_proggan")

@@ -27,10 +27,10 @@ from typing import Any, Sequence
 import pytorch_lightning as pl
 import torch
 import torchvision
-from torch import nn
 
 from .critic import ProGANCritic, gradient_penalty
 from .layered import LayeredGenerator
+from .loading import save_generator
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,10 @@ class WGANGP(pl.LightningModule):
         super().__init__()
         if n_critic < 1:
             raise ValueError(f"n_critic must be >= 1, got {n_critic}")
+        # Plain Python values only: checkpoints are read back with weights_only=True.
+        betas = [float(b) for b in betas]
+        critic_widths = [int(w) for w in critic_widths] if critic_widths is not None else None
+        meta = _plain(meta or {})
         self.save_hyperparameters(ignore=["generator"])
         self.automatic_optimization = False
         self.generator = generator
@@ -246,29 +250,22 @@ class WGANGP(pl.LightningModule):
             "threads": torch.get_num_threads(),
             "command": " ".join(shlex.quote(a) for a in sys.argv),
         }
-        if self.trainer is not None and getattr(self.trainer, "datamodule", None) is not None:
-            dm = self.trainer.datamodule
-            meta["batch_size"] = getattr(dm, "batch_size", None)
+        trainer = self._trainer  # None when exporting a module that was never fitted
+        if trainer is not None and getattr(trainer, "datamodule", None) is not None:
+            meta["batch_size"] = getattr(trainer.datamodule, "batch_size", None)
         meta.update(self.hparams.meta or {})
         return meta
 
     def export(self, output_dir: str | Path) -> Path:
         """Write the averaged generator as ``<output_dir>/generator.pt`` (what ``load_generator`` reads)."""
         path = Path(output_dir) / EXPORT_NAME
-        save_exported_generator(self.generator_ema, path, self.export_meta())
-        return path
+        return save_generator(self.generator_ema, path, self.export_meta())
 
 
-def save_exported_generator(generator: nn.Module, path: str | Path, meta: dict[str, Any]) -> Path:
-    """Save ``generator`` in the project's generator file format (via ``seeing.gans.loading``
-    when it is available)."""
-    try:
-        from .loading import save_generator
-    except ImportError:  # the loading module is optional for training; write the same format
-        save_generator = None
-    if save_generator is not None:
-        return Path(save_generator(generator, path, meta) or path)
-    from seeing.reporting import torch_save_atomic
+def _plain(value: Any) -> Any:
+    """OmegaConf containers (what Hydra passes) as plain dicts and lists."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
 
-    state = {k: v.detach().cpu().clone() for k, v in generator.layout_state_dict().items()}
-    return torch_save_atomic({"layout": "ganseeing_proggan", "state_dict": state, "meta": meta}, path)
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value

@@ -1,0 +1,145 @@
+"""``python evaluate.py metric=samples n=10000``: write generator samples to an image folder.
+
+Sample ``k`` is ``generator(sample_z(n, seed)[k])`` saved as ``<path>/<k:06d>.png``, so a
+folder is a deterministic function of (generator, seed) and any tool that reads image
+folders (``fake=folder``, the paper's FSD scripts) can use it. Re-running skips files that
+already exist, so an interrupted job resumes; each file is written to a temporary name and
+renamed, so a killed job never leaves a truncated PNG behind. ``samples.json`` records
+what made the folder; asking for a different generator or seed in the same folder is
+refused rather than mixing two sample sets.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from seeing.reporting import WandbReport, write_json
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "samples.json"
+
+
+def sample_name(index: int) -> str:
+    return f"{index:06d}.png"
+
+
+def _save_png(image: np.ndarray, path: Path) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """N x 3 x H x W in [-1, 1] -> N x H x W x 3 uint8."""
+    return images.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _identity(cfg: DictConfig, generator) -> dict[str, Any]:
+    """What the folder's images are a function of. The checkpoint's own meta is included
+    because ``checkpoint: null`` (a packaged asset) names no file whose change would show."""
+    from seeing.data.sources import file_stamps
+
+    gen_cfg = cfg.model.get("generator")
+    gen_cfg = OmegaConf.to_container(gen_cfg, resolve=True) if gen_cfg is not None else None
+    return {
+        "model": cfg.model.get("name"),
+        "generator": gen_cfg,
+        "files": file_stamps(gen_cfg),
+        "checkpoint_meta": getattr(generator, "checkpoint_meta", {}),
+        "seed": int(cfg.metric.seed),
+    }
+
+
+def write_samples(generator, path: str | Path, n: int, seed: int, batch_size: int = 100,
+                  device: torch.device | str = "cpu", progress: bool = True) -> dict[str, int]:
+    """Write samples ``0..n-1`` of ``generator`` for ``seed`` under ``path``; skip existing files."""
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    missing = [k for k in range(n) if not (out / sample_name(k)).is_file()]
+    counts = {"requested": n, "existing": n - len(missing), "written": 0}
+    if not missing:
+        return counts
+    generator = generator.to(device).eval()
+    z_all = generator.sample_z(n, seed)  # latent k depends only on (seed, k)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task(f"samples -> {out}", total=n, completed=counts["existing"])
+        for i in range(0, len(missing), batch_size):
+            chunk = missing[i : i + batch_size]
+            with torch.no_grad():
+                images = to_uint8(generator(z_all[chunk].to(device)))
+            for k, image in zip(chunk, images):
+                _save_png(image, out / sample_name(k))
+            counts["written"] += len(chunk)
+            bar.advance(task, len(chunk))
+    return counts
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    from seeing.data.sources import instantiate_unwrapped
+    from seeing.pipeline import resolve_device
+
+    m = cfg.metric
+    out = Path(m.path)
+    started = time.perf_counter()
+    generator = instantiate_unwrapped(cfg.model.generator)
+    identity = _identity(cfg, generator)
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        previous = json.loads(manifest.read_text())
+        if previous.get("identity") != json.loads(json.dumps(identity)):
+            raise ValueError(
+                f"{out} already holds samples of another generator or seed (see {manifest}); "
+                f"delete the folder or choose metric.path=<another folder>"
+            )
+    elif out.is_dir() and any(out.glob("*.png")):
+        raise ValueError(f"{out} holds PNG files but no {MANIFEST}: not a samples folder this job wrote; "
+                         f"choose metric.path=<another folder>")
+    # claim the folder before writing, so an interrupted run resumes only with the same identity
+    write_json(manifest, {"identity": identity, "complete": False})
+    device = resolve_device(cfg.get("device", "auto"))
+    counts = write_samples(generator, out, int(m.n), int(m.seed), int(m.batch_size), device,
+                           bool(m.get("progress", True)))
+    result = {
+        "path": str(out.resolve()),
+        "identity": identity,
+        "resolution": int(generator.resolution),
+        **counts,
+        "complete": True,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    write_json(manifest, result)
+    log.info("samples: %d written, %d already there, in %s", counts["written"], counts["existing"], out)
+
+    report = WandbReport(cfg, job_type="samples")
+    report.log_metrics({"samples/written": counts["written"], "samples/existing": counts["existing"]})
+    first = out / sample_name(0)
+    if first.is_file():
+        report.log_image("samples/first", first)
+    report.finish()
+    return result
