@@ -222,7 +222,7 @@ def locate_stage_output(run_root: str | Path, model_name: str, stage: str) -> Pa
         raise FileNotFoundError(
             f"missing the output of stage {stage!r} for model {model_name!r}: expected {path}. "
             f"Make it with `python train.py model={model_name} stage={stage} paths.run_root={run_root}`, "
-            f"or name an existing file with `stage.module.stage_files.{stage}=/path/to/{stage}.pt`."
+            f"or name an existing file with `+stage.module.stage_files.{stage}=/path/to/{stage}.pt`."
         )
     return path
 

@@ -255,6 +255,8 @@ class InversionStage(pl.LightningModule):
 
     def write_scores(self, output_dir: Path, scores: Mapping[str, float]) -> None:
         write_json(output_dir / "heldout.json", self.export_meta(scores))
+        for lg in self.loggers:  # the final held-out scores next to the training curves (W&B, CSV)
+            lg.log_metrics({f"heldout/{k}": v for k, v in scores.items()}, step=self.global_step)
         log.info("%s held-out: %s", self.stage_name, {k: round(v, 5) for k, v in scores.items()})
 
     # ------------------------------------------------------------ checkpoints
