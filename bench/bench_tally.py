@@ -65,14 +65,17 @@ def test_tally_overhead_in_memory(benchmark, segmenter, images):
     _report(benchmark, "tally, images in memory", runs[1:])
 
 
-def test_tally_scenes_world_including_rendering(benchmark, segmenter):
-    source, runs = ScenesSource(seed=0), []
+@pytest.mark.parametrize("workers", [0, 1], ids=["render-inline", "render-in-1-worker"])
+def test_tally_scenes_world_including_rendering(benchmark, segmenter, workers):
+    """Rendering inline adds to the loop; a DataLoader worker overlaps it with the forward
+    (``real.num_workers=...``), given a free core."""
+    source, runs = ScenesSource(seed=0, num_workers=workers), []
 
     def tally():
         runs.append(tally_source(source, segmenter, segmenter.num_classes, N, BATCH, RES, progress=True).stats)
 
     benchmark.pedantic(tally, rounds=3, iterations=1, warmup_rounds=0)
-    _report(benchmark, "tally, scenes world rendered on the fly", runs)
+    _report(benchmark, f"tally, scenes world rendered on the fly ({workers} workers)", runs)
 
 
 def test_metric_update_336_classes(benchmark):
