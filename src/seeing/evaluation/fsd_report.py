@@ -255,7 +255,7 @@ def _segmenter_label(cfg: DictConfig, segmenter) -> str:
     return f"{type(segmenter).__name__}" + (f" ({name})" if name else "")
 
 
-def _side_report(name: str, source: ImageSource, tally: Tally) -> dict[str, Any]:
+def _side_report(source: ImageSource, tally: Tally) -> dict[str, Any]:
     return {
         "source": source.describe(),
         "identity": source.identity(),
@@ -326,7 +326,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                  **common)
             _, baseline = _fsd(num_classes, real_tally.tallies, other.tallies)
             baseline["images"] = int(len(other.tallies))
-        except EmptySourceError as e:
+        except ValueError as e:  # the source holds no second sample (EmptySourceError), or a single image
             log.warning("no real-vs-real baseline: %s", e)
 
     real_mean, fake_mean = metric.class_means()
@@ -343,8 +343,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "segmenter": "oracle (ground-truth labels)" if oracle else _segmenter_label(cfg, segmenter),
         "resolution": int(m.resolution),
         "n": int(m.n),
-        "real": _side_report("real", real, real_tally),
-        "fake": _side_report("fake", fake, fake_tally),
+        "real": _side_report(real, real_tally),
+        "fake": _side_report(fake, fake_tally),
         "most_dropped": ranks["most_dropped"],
         "most_overgenerated": ranks["most_overgenerated"],
         "per_class": rows,
