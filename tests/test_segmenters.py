@@ -151,8 +151,9 @@ def check_contract(seg: Segmenter, n_classes: int, height: int = 64, width: int 
         out = seg.segment(images.requires_grad_())
     assert out.shape == (2, height, width) and out.dtype == torch.long and not out.requires_grad
     assert 0 <= int(out.min()) and int(out.max()) < n_classes
-    assert torch.isfinite(seg.class_scores(images.detach())).all()
-    assert torch.equal(seg.segment(images.detach()), out)  # deterministic, eval mode
+    scores = seg.class_scores(images.detach())
+    assert scores.shape == (2, n_classes, height, width) and torch.isfinite(scores).all()
+    assert torch.equal(scores.argmax(1), out)  # segment = argmax of the scores; deterministic in eval mode
     return out
 
 
@@ -164,8 +165,9 @@ def test_scenes_segmenter_contract():
 
 
 def test_upp_loads_release_layout_and_segments(upp_dir):
-    seg = load_segmenter("upp", path=str(upp_dir), sizes=[64, 96], device="cpu")
+    seg = load_segmenter("upp", path=str(upp_dir), sizes=[64, 32], device="cpu")
     assert seg.class_names == UPP_OBJECTS and len(seg.class_names) == 336 and seg.class_names[0] == "-"
+    assert not any(t.is_meta for t in list(seg.parameters()) + list(seg.buffers()))
     out = check_contract(seg, 336, 64, 48)
     assert out.unique().numel() > 1  # random weights still give a spatially varying map
     # the weights really came from the file: the object classifier's bias is the saved one
@@ -180,6 +182,7 @@ def test_deeplab_loads_hub_cache_file(deeplab_file, monkeypatch):
     cached.write_bytes(deeplab_file.read_bytes())
     seg = load_segmenter("deeplab", device="cpu")  # no path: the torch hub cache
     assert seg.class_names == VOC_CLASSES and seg.class_names[15] == "person"
+    assert not any(t.is_meta for t in list(seg.parameters()) + list(seg.buffers()))
     check_contract(seg, 21)
     seg2 = load_segmenter("deeplab", path=str(deeplab_file), device="cpu")
     assert torch.equal(seg2.net.classifier[4].weight, seg.net.classifier[4].weight)

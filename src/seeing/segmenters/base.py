@@ -126,7 +126,8 @@ def load_exact(module: nn.Module, state: Mapping[str, torch.Tensor], what: str,
                optional: Iterable[str] = ("num_batches_tracked",)) -> None:
     """Load ``state`` into ``module`` requiring the same keys and shapes, with an error that
     lists what is missing, unexpected or mis-shaped. Keys ending in an ``optional`` suffix may
-    be absent (old checkpoints predate BatchNorm's ``num_batches_tracked``)."""
+    be absent (old checkpoints predate BatchNorm's ``num_batches_tracked``). ``module`` may
+    live on the meta device; it takes over the state's tensors."""
     own = module.state_dict()
     optional = tuple(optional)
     missing = [k for k in own if k not in state and not k.endswith(optional)]
@@ -145,4 +146,10 @@ def load_exact(module: nn.Module, state: Mapping[str, torch.Tensor], what: str,
         if wrong:
             parts.append(f"shape mismatches: {head(wrong)}")
         raise ValueError(f"{what}: state dict does not match the expected layout; " + "; ".join(parts))
-    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    full = dict(state)
+    for k in own:
+        if k not in full:  # an absent optional buffer (a counter): start it at zero
+            full[k] = torch.zeros(own[k].shape, dtype=own[k].dtype)
+    # assign=True adopts the file's tensors, so a module built on the meta device (no
+    # wasted random init of tens of millions of weights) comes out fully materialised.
+    module.load_state_dict(full, strict=True, assign=True)

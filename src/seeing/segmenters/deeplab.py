@@ -48,6 +48,7 @@ def load_deeplab_segmenter(path: str | Path | None = None, device: str | torch.d
     path = hub_cache_path() if path in (None, "") else Path(path)
     state = load_state_dict_file(path, "deeplab segmenter weights")
     aux = any(k.startswith("aux_classifier.") for k in state)
-    net = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=len(VOC_CLASSES), aux_loss=aux)
+    with torch.device("meta"):  # the weights come from the file; skip the random init
+        net = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=len(VOC_CLASSES), aux_loss=aux)
     load_exact(net, state, f"deeplab segmenter weights {path}")
     return DeepLabSegmenter(net).to(resolve_device(device))

@@ -199,8 +199,9 @@ def load_upp_segmenter(path: str | Path, sizes: Sequence[int] = (256,), epoch: i
                  ", ".join(h for h in OTHER_HEADS if any(k.startswith(h + ".") for k in skipped)))
     dec_state = {k: v for k, v in dec_state.items() if k not in skipped}
 
-    encoder = DeepStemResNet50()
+    with torch.device("meta"):  # the weights come from the files; skip the random init
+        encoder = DeepStemResNet50()
+        decoder = UPerNetObjectDecoder(len(labels["object"]), fpn_dim=int(dec_state["conv_fusion.0.weight"].shape[0]))
     load_exact(encoder, enc_state, f"upp segmenter encoder {folder / f'encoder_epoch_{epoch}.pth'}")
-    decoder = UPerNetObjectDecoder(len(labels["object"]), fpn_dim=int(dec_state["conv_fusion.0.weight"].shape[0]))
     load_exact(decoder, dec_state, f"upp segmenter decoder {folder / f'decoder_epoch_{epoch}.pth'}")
     return UnifiedParsingSegmenter(encoder, decoder, labels["object"], sizes).to(resolve_device(device))
