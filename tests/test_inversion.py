@@ -169,6 +169,11 @@ def test_all_stages_train_export_and_assemble_into_the_hybrid(compose, tiny_prog
     for k, v in encoder.state_dict().items():
         assert torch.equal(v, trained[k]), k
     assert not torch.equal(trained["inverters.layer3.net.conv1.weight"], layer3.net.conv1.weight)
+    # rescoring the exported file on the held-out latents reproduces the scores it records
+    _, rescored = _module(compose, "hybrid", tiny(tiny_progan_file) + [f"stage.module.hybrid_file={hybrid_file}"])
+    scores = rescored.heldout_scores()
+    for k, v in scores.items():
+        assert v == pytest.approx(encoder.meta["heldout"][k], rel=1e-5, abs=1e-6), k
     images = generator(generator.sample_z(4, seed=7))
     with torch.no_grad():
         est = encoder.invert(images)

@@ -49,6 +49,8 @@ from .inverters import InverterSpec, LayerInverter, check_chain, inverter_spec, 
 from .values import batch_template, value_from_tensor
 
 FORMAT = "seeing.inversion/v1"
+# the hybrid encoder of the embedded scenes GAN (model=scenes_progan), shipped with the package
+EMBEDDED_HYBRID = Path(__file__).resolve().parents[1] / "assets" / "scenes_progan_hybrid.pt"
 
 
 @torch.no_grad()
@@ -186,9 +188,16 @@ def check_against_generator(generator: LayeredGenerator, inverters: Mapping[str,
                              f"and {encoder.spec.target} is {shape}: it was trained for another model")
 
 
-def load_hybrid_encoder(path: str | Path, generator: LayeredGenerator | None = None,
+def load_hybrid_encoder(path: str | Path | None, generator: LayeredGenerator | None = None,
                         map_location: str | torch.device = "cpu") -> HybridEncoder:
-    """A :class:`HybridEncoder` from a hybrid file, in eval mode; checked against ``generator`` if given."""
+    """A :class:`HybridEncoder` from a hybrid file, in eval mode; checked against ``generator`` if given.
+
+    ``path=None`` loads the shipped encoder of the embedded scenes GAN (:data:`EMBEDDED_HYBRID`).
+    """
+    path = Path(path) if path else EMBEDDED_HYBRID
+    if not path.is_file():
+        raise FileNotFoundError(f"no hybrid encoder file at {path}: `python train.py model=<model> stage=hybrid` "
+                                f"writes <run_root>/<model>/hybrid/hybrid.pt (after stages layer1..layerN, encoder)")
     obj = read_inversion_file(path, "hybrid")
     inverters = {n: inverter_from_record(obj["inverters"][n]) for n in obj["layers"]}
     encoder = encoder_from_record(obj["encoder"])

@@ -32,7 +32,7 @@ from seeing.reporting import save_figure, write_json
 
 from .correlation import MeanCorrelation, correlation_error
 from .encoder import ImageEncoder, encoder_spec
-from .hybrid import assemble_hybrid_encoder, save_inversion_file
+from .hybrid import assemble_hybrid_encoder, load_hybrid_encoder, save_inversion_file
 from .inverters import check_chain, inverter_spec, LayerInverter, probe_shapes
 from .values import feature_tensor, with_feature
 
@@ -371,21 +371,29 @@ class HybridStage(InversionStage):
     the recovered latent, ``weights.regen`` x corr. error of r_n regenerated from the
     recovered latent, ``weights.pixel`` x pixel MSE of G(E(G(z))) against G(z).
     Stage files come from ``<run_root>/<model_name>/<stage>/<stage>.pt`` unless
-    ``stage_files`` names them (``{"layer3": path, "encoder": path}``).
+    ``stage_files`` names them (``{"layer3": path, "encoder": path}``); ``hybrid_file``
+    starts instead from an existing hybrid encoder (to fine-tune it further, or to score
+    it on the held-out latents with :meth:`heldout_scores`).
     """
 
     DEFAULT_WEIGHTS = {"r_n": 1.0, "z": 1.0, "regen": 1.0, "pixel": 1.0}
 
     def __init__(self, generator: LayeredGenerator, inversion_layers: Sequence[str], model_name: str,
                  run_root: str | Path, stage_name: str = "hybrid", stage_files: Mapping[str, str] | None = None,
-                 weights: Mapping[str, float] | None = None, **kwargs):
+                 weights: Mapping[str, float] | None = None, hybrid_file: str | Path | None = None, **kwargs):
         super().__init__(generator, inversion_layers, stage_name, model_name=model_name, **kwargs)
         unknown = set(weights or {}) - set(self.DEFAULT_WEIGHTS)
         if unknown:
             raise ValueError(f"unknown hybrid loss weights {sorted(unknown)}; known: {sorted(self.DEFAULT_WEIGHTS)}")
         self.weights = {**self.DEFAULT_WEIGHTS, **dict(weights or {})}
-        self.encoder = assemble_hybrid_encoder(generator, self.inversion_layers, run_root, model_name,
-                                               dict(stage_files or {}))
+        if hybrid_file:
+            self.encoder = load_hybrid_encoder(hybrid_file, generator).train()
+            if self.encoder.layers != self.inversion_layers:
+                raise ValueError(f"{hybrid_file} inverts {self.encoder.layers}, the model config says "
+                                 f"{self.inversion_layers}")
+        else:
+            self.encoder = assemble_hybrid_encoder(generator, self.inversion_layers, run_root, model_name,
+                                                   dict(stage_files or {}))
         self.target = self.inversion_layers[-1]
 
     def trained_modules(self) -> nn.Module:
