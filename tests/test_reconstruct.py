@@ -13,7 +13,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from seeing.gans import ProGANGenerator
 from seeing.inversion.hybrid import new_hybrid_encoder
 from seeing.reconstruct.deltas import Reconstructor, correction_positions, render
-from seeing.reconstruct.init import initial_latents
+from seeing.reconstruct.init import RANDOM_START_SEED, initial_latents
 from seeing.reconstruct.losses import VGG16_FILE, RELU4_2, ReconstructionLoss, VGGPerceptual
 from seeing.reconstruct.stage import build_reconstructor, find_direct_encoder, find_hybrid
 
@@ -165,7 +165,9 @@ def test_random_and_mean_starts_are_per_image_and_batch_free(world):
     ids = torch.tensor([7, 2, 9])
     z = initial_latents("random", g, x[:3], ids, seed=4)
     assert torch.equal(z[1], initial_latents("random", g, x[:1], torch.tensor([2]), seed=4)[0])
-    assert torch.equal(z[0], g.sample_z(8, seed=4)[7])
+    assert torch.equal(z[0], g.sample_z(8, seed=RANDOM_START_SEED + 4)[7])
+    # never the latent a generated target with the same small seed came from
+    assert not torch.allclose(initial_latents("random", g, x[:3], ids, seed=0), g.sample_z(10, seed=0)[ids])
     mean = initial_latents("mean", g, x[:3], ids, mean_samples=2000)
     assert torch.equal(mean[0], mean[2]) and mean.abs().max() < 0.2  # the mean of N(0, I) draws
     with pytest.raises(ValueError, match="needs its encoder"):

@@ -68,7 +68,8 @@ def test_every_variant_runs_and_the_ablation_reports_them(compose, files, tmp_pa
                                       "stage.module.val_batch_size=4", *QUICK, *model]))
     assert "val/corr_z" in metrics
     direct = load_direct_encoder(runs / "direct_encoder" / "direct_encoder.pt", load_generator(files["generator"]))
-    assert direct(torch.zeros(2, 3, 16, 16)).shape == (2, 16)
+    z = direct(torch.rand(2, 3, 16, 16) * 2 - 1)
+    assert z.shape == (2, 16) and torch.allclose(z.pow(2).mean(1), torch.ones(2), atol=1e-4)  # unit RMS, like N(0, I)
 
     results = {}
     for v in "abcdef":

@@ -206,6 +206,10 @@ class Reconstructor(pl.LightningModule):
         return render(self.generator, self.init_latents[s:e], deltas, record, self.latent_name)
 
     # -------------------------------------------------------------- training
+    def on_fit_start(self) -> None:
+        if self.device.type == "cuda":  # convolutions run faster channels-last (bf16 tensor cores)
+            self.generator.to(memory_format=torch.channels_last)
+
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_Ticks(self.total_steps), batch_size=1)
 

@@ -43,24 +43,35 @@ def latent_tensor_shape(generator: LayeredGenerator, latent_name: str) -> tuple[
 
 
 class DirectEncoder(nn.Module):
-    """Image in [-1, 1] ``(B, 3, S, S)`` -> latent ``(B, *latent_shape)``."""
+    """Image in [-1, 1] ``(B, 3, S, S)`` -> latent ``(B, *latent_shape)``.
+
+    A flat ``z`` latent comes out scaled to unit root-mean-square, like the draws of N(0, I)
+    and like the hybrid encoder's first inverter returns it: the scale of z carries no
+    information for generators that pixel-normalise it, but it sets how far an optimiser's
+    step moves its direction, so variants c and e must start from latents of the same scale.
+    """
 
     def __init__(self, image_size: int, latent_shape: Sequence[int], latent_name: str = LATENT,
                  trunk_stages: int | str = "auto", head_channels: int | None = None,
-                 spec: EncoderSpec | None = None):
+                 spec: EncoderSpec | None = None, normalize: bool | None = None):
         super().__init__()
         self.latent_shape = tuple(int(s) for s in latent_shape)
         self.latent_name = latent_name
+        self.normalize = (latent_name == LATENT and len(self.latent_shape) == 1) if normalize is None else normalize
         size = math.prod(self.latent_shape)
         # a 1x1 "map" of the flattened latent: the trunk's features are pooled over the image
         self.encoder = ImageEncoder(spec or encoder_spec(image_size, (size, 1, 1), latent_name,
                                                          trunk_stages, head_channels))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encoder(images).reshape(images.shape[0], *self.latent_shape)
+        latent = self.encoder(images).reshape(images.shape[0], *self.latent_shape)
+        if self.normalize:
+            latent = latent * torch.rsqrt(latent.pow(2).mean(dim=1, keepdim=True) + 1e-8)
+        return latent
 
     def to_file_dict(self, meta: Mapping[str, Any] | None = None, half: bool = False) -> dict[str, Any]:
         return {"format": FORMAT, "latent_name": self.latent_name, "latent_shape": list(self.latent_shape),
+                "normalize": bool(self.normalize),
                 "encoder": module_record(self.encoder, half), "meta": dict(meta or {})}
 
 
@@ -74,7 +85,8 @@ def load_direct_encoder(path: str | Path, generator: LayeredGenerator | None = N
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} file")
     spec = EncoderSpec.from_dict(obj["encoder"]["spec"])
-    model = DirectEncoder(spec.image_size, obj["latent_shape"], obj["latent_name"], spec=spec)
+    model = DirectEncoder(spec.image_size, obj["latent_shape"], obj["latent_name"], spec=spec,
+                          normalize=bool(obj.get("normalize", False)))
     model.encoder.load_state_dict({k: (v.float() if v.is_floating_point() else v)
                                    for k, v in obj["encoder"]["state_dict"].items()})
     if generator is not None:
