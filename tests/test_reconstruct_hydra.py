@@ -113,6 +113,13 @@ def test_reconstruction_report_runs_here_and_fails_clearly_without_encoder(compo
              "metric.reconstruct.steps=4", "metric.reconstruct.targets.count=3", "metric.progress=false"]
     with pytest.raises(FileNotFoundError, match=r"stage=hybrid"):
         evaluate(compose("evaluate", ["metric=reconstruction", *model]))
+    # every missing file in one error, each with the command that makes it
+    with pytest.raises(FileNotFoundError) as missing:
+        evaluate(compose("evaluate", ["metric=reconstruction", "model.checkpoint=/nonexistent/gen.pt",
+                                      "segmenter.path=/nonexistent/seg.pt", "logger=csv"]))
+    for needed in ["/nonexistent/gen.pt", "python train.py stage=gan", "/nonexistent/seg.pt",
+                   "python train.py stage=segmenter data=scenes", "stage=hybrid"]:
+        assert needed in str(missing.value), needed
     cfg = compose("evaluate", ["metric=reconstruction", f"metric.reconstruct.hybrid_path={files['hybrid']}", *model])
     report = evaluate(cfg)
     out = Path(cfg.output_dir)

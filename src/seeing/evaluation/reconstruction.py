@@ -102,7 +102,51 @@ def build_generator(cfg: DictConfig):
     return hydra.utils.instantiate(cfg.model.generator)
 
 
-def reconstruct_here(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+def _root_message(e: BaseException) -> str:
+    while e.__cause__ is not None:  # Hydra wraps errors raised while instantiating
+        e = e.__cause__
+    return str(e)
+
+
+# how the segmenters this project trains itself are made
+SEGMENTER_COMMANDS = {"scenes": "python train.py stage=segmenter data=scenes"}
+
+
+def load_parts(cfg: DictConfig, need_models: bool) -> tuple[Any, Any]:
+    """The segmenter and (when reconstructing here) the generator, after checking that every file
+    the job needs exists: one error lists everything missing and the commands that make it."""
+    import hydra
+
+    from seeing.pipeline import resolve_device
+    from seeing.reconstruct.stage import find_direct_encoder, find_hybrid
+
+    problems, segmenter, generator = [], None, None
+    try:
+        segmenter = hydra.utils.instantiate(cfg.segmenter).to(resolve_device(cfg.get("device", "auto"))).eval()
+    except Exception as e:  # noqa: BLE001 - collected and re-raised below with the others
+        hint = SEGMENTER_COMMANDS.get(str(cfg.segmenter.get("name", "")))
+        problems.append(_root_message(e) + (f" (made by `{hint}`)" if hint else ""))
+    if need_models:
+        r = cfg.metric.reconstruct
+        try:
+            generator = build_generator(cfg)
+        except Exception as e:  # noqa: BLE001
+            problems.append(_root_message(e))
+        init = r.variant.init
+        try:
+            if init == "hybrid":
+                find_hybrid(cfg.paths.run_root, cfg.model.name, r.get("hybrid_path"))
+            elif init == "direct_encoder":
+                find_direct_encoder(cfg.paths.run_root, cfg.model.name, r.get("direct_encoder_path"))
+        except FileNotFoundError as e:
+            problems.append(str(e))
+    if problems:
+        raise FileNotFoundError(f"metric={cfg.metric.name} cannot run, files are missing:\n"
+                                + "\n".join(f"  - {p}" for p in problems))
+    return segmenter, generator
+
+
+def reconstruct_here(cfg: DictConfig, out_dir: Path, generator: Any) -> dict[str, Any]:
     """Run the reconstruct stage's optimisation in this process (no checkpoints) and export it."""
     import pytorch_lightning as pl
 
@@ -113,7 +157,7 @@ def reconstruct_here(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     spec = OmegaConf.to_container(r, resolve=True)
     spec.pop("targets")
     variant = spec.pop("variant")
-    module = build_reconstructor(build_generator(cfg), list(cfg.model.inversion_layers), variant, r.targets,
+    module = build_reconstructor(generator, list(cfg.model.inversion_layers), variant, r.targets,
                                  model_name=cfg.model.name, run_root=cfg.paths.run_root, **spec)
     device = resolve_device(cfg.get("device", "auto"))
     trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=-1,
@@ -149,15 +193,12 @@ def write_summary(summary: Mapping[str, Any], result: Mapping[str, Any], out_dir
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    import hydra
-
-    from seeing.pipeline import resolve_device
-
     m = cfg.metric
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = load_result(m.result) if m.get("result") else reconstruct_here(cfg, out_dir)
-    segmenter = hydra.utils.instantiate(cfg.segmenter).to(resolve_device(cfg.get("device", "auto"))).eval()
+    # everything is checked before any optimisation starts
+    segmenter, generator = load_parts(cfg, need_models=not m.get("result"))
+    result = load_result(m.result) if m.get("result") else reconstruct_here(cfg, out_dir, generator)
     summary = summarize(result, segmenter, float(m.min_fraction), int(m.min_support),
                         int(m.get("segment_batch_size", 32)), str(m.get("perceptual", "none")), m.get("vgg_path"))
     variant = summary["metrics"]["variant"]

@@ -36,7 +36,8 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def write_per_image_files(result: Mapping[str, Any], output_dir: Path) -> None:
-    """``images/NNNN.png`` (target | initial | final) and ``per_image.csv`` (errors, delta RMS, loss curve ends)."""
+    """``images/NNNN.png`` (target | initial | final), ``per_image.csv`` (errors, delta RMS, loss
+    curve ends) and ``loss_curves.png``."""
     from PIL import Image
 
     output_dir = Path(output_dir)
@@ -57,6 +58,8 @@ def write_per_image_files(result: Mapping[str, Any], output_dir: Path) -> None:
             row[f"delta_rms_{p}"] = float(v[i])
         rows.append(row)
     write_csv(output_dir / "per_image.csv", rows)
+    loss_curve_figure(curves, output_dir / "loss_curves.png",
+                      f"{(result.get('meta') or {}).get('variant', {}).get('name', '')}: per-image loss")
 
 
 # ------------------------------------------------------------------ missing classes
