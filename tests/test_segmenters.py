@@ -337,3 +337,26 @@ def test_segmenter_stage_trains_and_exports(compose, tmp_path):
     seg = load_scenes_segmenter(out / "scenes_segmenter.pt", device="cpu")
     assert seg.meta["heldout"]["miou"] == held["miou"] and seg.meta["global_step"] == 2
     check_contract(seg, len(CLASS_NAMES), 32, 32)
+
+
+def test_segmenter_stage_resumes_from_last_checkpoint(compose):
+    """A rerun with ckpt_path=last continues from the checkpoint instead of starting over: with a
+    different seed and the step budget already spent, it must export exactly the first run's weights."""
+    from seeing.pipeline import train
+    from seeing.segmenters import load_scenes_segmenter
+
+    common = ["stage=segmenter", "data=scenes", "logger=csv", "~callbacks.progress",
+              "callbacks.checkpoint.every_n_train_steps=1", "data.train_length=16", "data.val_length=4",
+              "data.test_length=4", "data.batch_size=4", "stage.module.widths=[4,8]", "stage.module.figure_images=0",
+              "stage.trainer.max_steps=2"]
+    cfg = compose("train", common + ["seed=0"])
+    train(cfg)
+    out = Path(cfg.output_dir)
+    assert (out / "checkpoints" / "last.ckpt").exists()
+    first = load_scenes_segmenter(out / "scenes_segmenter.pt", device="cpu")
+    train(compose("train", common + ["seed=1", "ckpt_path=last"]))
+    resumed = load_scenes_segmenter(out / "scenes_segmenter.pt", device="cpu")
+    assert resumed.meta["global_step"] == 2 and resumed.meta["seed"] == 1
+    assert resumed.meta["train_seconds"] > 0
+    for (name, a), b in zip(first.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name

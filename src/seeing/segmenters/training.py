@@ -21,7 +21,6 @@ from typing import Any, Sequence
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 from torchvision.transforms.v2 import functional as TF
 
@@ -73,7 +72,15 @@ class SegmenterTraining(pl.LightningModule):
                  weight_decay: float = 1e-4, warmup_steps: int = 100, augment_strength: float = 1.0,
                  class_names: Sequence[str] | None = None, figure_images: int = 8):
         super().__init__()
-        self.save_hyperparameters()
+        # plain Python values only (Hydra hands over ListConfigs): checkpoints must stay loadable
+        # with torch.load(weights_only=True), which is how Lightning resumes (ckpt_path=last)
+        self.save_hyperparameters({
+            "num_classes": int(num_classes), "widths": [int(w) for w in widths], "lr": float(lr),
+            "weight_decay": float(weight_decay), "warmup_steps": int(warmup_steps),
+            "augment_strength": float(augment_strength),
+            "class_names": None if class_names is None else [str(n) for n in class_names],
+            "figure_images": int(figure_images),
+        })
         self.net = SceneSegmenterNet(num_classes, widths)
         self.val_iou = MulticlassJaccardIndex(num_classes, average="none")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -103,6 +110,14 @@ class SegmenterTraining(pl.LightningModule):
     def on_fit_end(self) -> None:
         if self._fit_started is not None:
             self.train_seconds += time.time() - self._fit_started
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # wall time spent so far, so a resumed run (ckpt_path=last) reports its whole training time
+        now = time.time() - self._fit_started if self._fit_started is not None else 0.0
+        checkpoint["train_seconds"] = self.train_seconds + now
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.train_seconds = float(checkpoint.get("train_seconds", 0.0))
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
@@ -171,8 +186,7 @@ class SegmenterTraining(pl.LightningModule):
             "seed": int(os.environ["PL_GLOBAL_SEED"]) if "PL_GLOBAL_SEED" in os.environ else None,
             "global_step": int(self.global_step),
             "train_seconds": round(self.train_seconds, 1),
-            # plain containers only: the file must load with torch.load(weights_only=True)
-            "hparams": OmegaConf.to_container(OmegaConf.create(dict(self.hparams)), resolve=True),
+            "hparams": dict(self.hparams),
         }
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None:
