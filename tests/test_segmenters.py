@@ -164,8 +164,10 @@ def test_scenes_segmenter_contract():
     check_contract(seg, len(CLASS_NAMES), 48, 80)  # any size divisible by the U-Net's 8
 
 
-def test_upp_loads_release_layout_and_segments(upp_dir):
-    seg = load_segmenter("upp", path=str(upp_dir), sizes=[64, 32], device="cpu")
+def test_upp_loads_release_layout_and_segments(upp_dir, caplog):
+    with caplog.at_level("INFO", logger="seeing.segmenters.upp"):
+        seg = load_segmenter("upp", path=str(upp_dir), sizes=[64, 32], device="cpu")
+    assert "object head only" in caplog.text and "part_head" in caplog.text  # the skip is logged
     assert seg.class_names == UPP_OBJECTS and len(seg.class_names) == 336 and seg.class_names[0] == "-"
     assert not any(t.is_meta for t in list(seg.parameters()) + list(seg.buffers()))
     out = check_contract(seg, 336, 64, 48)
