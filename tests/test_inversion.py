@@ -160,7 +160,8 @@ def test_all_stages_train_export_and_assemble_into_the_hybrid(compose, tiny_prog
     hybrid_file = runs / "hybrid" / "hybrid.pt"
     generator = load_generator(tiny_progan_file)
     encoder = load_hybrid_encoder(hybrid_file, generator)
-    assert encoder.meta["heldout"]["size"] == 8 and "corr_layer4" in encoder.meta["heldout"]
+    heldout = encoder.meta["heldout"]
+    assert heldout["size"] == 8 and "corr_layer4" in heldout and -1 <= heldout["chance_corr_layer4"] <= 1
     # the exported file holds the fine-tuned weights (those of the final checkpoint), not the stages'
     ckpt = torch.load(runs / "hybrid" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 4

@@ -229,7 +229,13 @@ class InversionStage(pl.LightningModule):
 
     @torch.no_grad()
     def heldout_scores(self) -> dict[str, float]:
-        """Every validation metric over the whole held-out set, computed afresh (eval mode)."""
+        """Every validation metric over the whole held-out set, computed afresh (eval mode).
+
+        Each ``corr_<name>`` comes with ``chance_corr_<name>``: the correlation of every
+        held-out target with another sample's (the batch rolled by one). Activations of
+        different samples already agree in direction to some degree (shared biases), so
+        this is the score of a guess that knows nothing about the image.
+        """
         was_training = self.training
         self.eval()
         metrics: dict[str, nn.Module] = {}
@@ -240,6 +246,9 @@ class InversionStage(pl.LightningModule):
                     for name, (est, target) in table.items():
                         key = f"{prefix}_{name}"
                         metrics.setdefault(key, make().to(self.device)).update(est.float(), target.float())
+                        if prefix == "corr" and target.shape[0] > 1:
+                            metrics.setdefault(f"chance_{key}", MeanCorrelation().to(self.device)).update(
+                                target.roll(1, dims=0), target)
         finally:
             self.train(was_training)
         return {k: float(m.compute()) for k, m in metrics.items()}
