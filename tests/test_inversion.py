@@ -181,6 +181,11 @@ def test_all_stages_train_export_and_assemble_into_the_hybrid(compose, tiny_prog
     assert set(est) == {"z", *LAYERS}
     assert est["z"].shape == (4, 16) and encoder.generate(generator, est["z"]).shape == images.shape
 
+    # same shapes, other weights: loading warns that the encoder was trained for another generator
+    retrained = ProGANGenerator(z_dim=16, widths=[16, 16, 8])
+    with pytest.warns(UserWarning, match="trained for other generator weights"):
+        load_hybrid_encoder(hybrid_file, retrained)
+
     # an explicitly named file replaces the conventional one; a wrong one errors
     (runs / "layer2" / "layer2.pt").rename(tmp_path / "elsewhere.pt")
     with pytest.raises(FileNotFoundError, match="stage=layer2"):

@@ -35,6 +35,9 @@ command makes a missing one.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -49,8 +52,19 @@ from .inverters import InverterSpec, LayerInverter, check_chain, inverter_spec, 
 from .values import batch_template, value_from_tensor
 
 FORMAT = "seeing.inversion/v1"
+log = logging.getLogger(__name__)
 # the hybrid encoder of the embedded scenes GAN (model=scenes_progan), shipped with the package
 EMBEDDED_HYBRID = Path(__file__).resolve().parents[1] / "assets" / "scenes_progan_hybrid.pt"
+
+
+def generator_fingerprint(generator: nn.Module) -> str:
+    """A short hash of the generator's weights: inverters are only valid for the weights they
+    were trained on, and shapes alone cannot tell two trainings of one architecture apart."""
+    digest = hashlib.sha256()
+    for key, value in sorted(generator.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -204,6 +218,13 @@ def load_hybrid_encoder(path: str | Path | None, generator: LayeredGenerator | N
     if generator is not None:
         check_chain(generator, list(inverters))
         check_against_generator(generator, inverters, encoder, source=str(path))
+        trained_for = (obj.get("meta") or {}).get("generator_fingerprint")
+        if trained_for and trained_for != generator_fingerprint(generator):
+            msg = (f"{path} was trained for other generator weights (fingerprint {trained_for}, this "
+                   f"generator {generator_fingerprint(generator)}): its estimates will be off; retrain with "
+                   f"`python train.py model=<model> stage=hybrid` (after layer1..layerN and encoder)")
+            log.warning(msg)
+            warnings.warn(msg, stacklevel=2)
     model = HybridEncoder(encoder, inverters, meta=obj.get("meta"))
     return model.to(map_location).eval()
 

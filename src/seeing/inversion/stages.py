@@ -32,7 +32,7 @@ from seeing.reporting import save_figure, write_json
 
 from .correlation import MeanCorrelation, correlation_error
 from .encoder import ImageEncoder, encoder_spec
-from .hybrid import assemble_hybrid_encoder, load_hybrid_encoder, save_inversion_file
+from .hybrid import assemble_hybrid_encoder, generator_fingerprint, load_hybrid_encoder, save_inversion_file
 from .inverters import check_chain, inverter_spec, LayerInverter, probe_shapes
 from .values import feature_tensor, with_feature
 
@@ -256,6 +256,7 @@ class InversionStage(pl.LightningModule):
     def export_meta(self, scores: Mapping[str, float]) -> dict[str, Any]:
         return {
             "model": self.model_name,
+            "generator_fingerprint": generator_fingerprint(self.generator),
             "stage": self.stage_name,
             "steps": int(self.global_step),
             "heldout": {"size": int(self.hparams.val_size), "seed": int(self.hparams.val_seed), **scores},
