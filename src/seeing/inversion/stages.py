@@ -14,7 +14,6 @@ reconstruction, optimisation, and the export of the stage's file.
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -25,10 +24,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
-from torchmetrics import MeanMetric, MeanSquaredError
+from torchmetrics import MeanSquaredError
 
 from seeing.gans.layered import LATENT, LayeredGenerator
-from seeing.reporting import save_figure, write_json
+from seeing.reporting import save_figure, torch_save_atomic, write_json
 
 from .correlation import MeanCorrelation, correlation_error
 from .encoder import ImageEncoder, encoder_spec
@@ -75,7 +74,6 @@ class InversionStage(pl.LightningModule):
         export_half: store float weights as float16 in the exported file.
     """
 
-    # subclasses: the Metric names and kinds they log in validation
     def __init__(
         self,
         generator: LayeredGenerator,
@@ -443,7 +441,5 @@ class HybridStage(InversionStage):
         scores = self.heldout_scores()
         self.write_scores(output_dir, scores)
         self.encoder.meta = self.export_meta(scores)
-        from seeing.reporting import torch_save_atomic
-
         return torch_save_atomic(self.encoder.to_file_dict(half=self.hparams.export_half),
                                  output_dir / f"{self.stage_name}.pt")
