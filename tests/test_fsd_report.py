@@ -112,6 +112,14 @@ def test_evaluate_writes_report_files_and_reuses_the_tally_cache(compose, tiny_s
     third = evaluate(compose("evaluate", overrides[:-3] + ["metric.n=8", "metric.resolution=32", "logger=csv"]))
     assert third["fake"]["cache"] == "miss" and third["fake"]["images"] == 8
 
+    # new segmenter weights under the same file name are a different key too
+    from seeing.segmenters.scenes import SceneSegmenterNet, make_weights_file
+
+    torch.manual_seed(1)
+    torch.save(make_weights_file(SceneSegmenterNet(len(CLASS_NAMES), (4, 8)), CLASS_NAMES), tiny_segmenter)
+    fourth = evaluate(compose("evaluate", overrides))
+    assert (fourth["real"]["cache"], fourth["fake"]["cache"]) == ("miss", "miss")
+
 
 def test_generator_source_from_the_model_config(compose, tiny_segmenter):
     """fake=generator samples ${model.generator}; here a small, randomly initialised ProGAN."""
@@ -124,6 +132,7 @@ def test_generator_source_from_the_model_config(compose, tiny_segmenter):
     report = evaluate(cfg)
     assert report["fake"]["images"] == 6 and report["fake"]["identity"]["kind"] == "generator"
     assert report["fake"]["identity"]["generator"]["_target_"] == "seeing.gans.progan.ProGANGenerator"
+    assert len(report["fake"]["identity"]["weights_sha256"]) == 64
     with np.load(report["fake"]["cache_file"]) as cached:
         tallies = cached["tallies"]
     assert tallies.shape == (6, len(CLASS_NAMES)) and np.allclose(tallies.sum(1), 1.0)

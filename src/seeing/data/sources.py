@@ -17,6 +17,7 @@ that holds no images at all is an error.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -102,29 +103,15 @@ def instantiate_unwrapped(cfg: Any) -> Any:
         raise
 
 
-def file_stamps(obj: Any) -> dict[str, list[int]]:
-    """Size and mtime of every existing file that a (nested) config names, e.g. weights;
-    part of cache keys, so replacing a file at the same path invalidates what came from it."""
-    out: dict[str, list[int]] = {}
-
-    def visit(v):
-        if isinstance(v, dict):
-            for x in v.values():
-                visit(x)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                visit(x)
-        elif isinstance(v, str) and 0 < len(v) < 4096:
-            try:
-                p = Path(v).expanduser()
-                if p.is_file():
-                    st = p.stat()
-                    out[str(p.resolve())] = [st.st_size, st.st_mtime_ns]
-            except OSError:
-                pass
-
-    visit(obj)
-    return out
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 of a module's state (names, shapes, dtypes and values): what cached results that
+    came from the module depend on, however the module was loaded."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        t = tensor.detach().cpu().contiguous().reshape(-1)  # 1-d: 0-d tensors cannot be viewed as bytes
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------- scenes world
@@ -363,7 +350,9 @@ class GeneratorSource(ImageSource):
     """Samples of a generator: latents ``sample_z(offset + n, seed)[offset:]`` through ``generator(z)``.
 
     ``generator`` is a config with a ``_target_`` building a LayeredGenerator (e.g.
-    ``${model.generator}``); it is built on first use, so a cached tally never loads it.
+    ``${model.generator}``), or the module itself. Its identity (the tally cache key) holds a
+    fingerprint of the weights, not just the config: ``checkpoint: null`` means "the shipped
+    file", and a newer package may ship different weights under the same config.
     """
 
     kind = "generator"
@@ -377,9 +366,8 @@ class GeneratorSource(ImageSource):
         cfg = self.generator_cfg
         if isinstance(cfg, DictConfig):
             cfg = OmegaConf.to_container(cfg, resolve=True)
-        # new weights at the same path -> new samples: stamp every file the config names
-        return {**super().identity(), "generator": cfg if isinstance(cfg, dict) else repr(cfg),
-                "files": file_stamps(cfg)}
+        return {**super().identity(), "generator": cfg if isinstance(cfg, dict) else type(cfg).__name__,
+                "weights_sha256": module_fingerprint(self.generator())}
 
     def generator(self):
         if self._generator is None:
@@ -419,8 +407,6 @@ class TensorSource(ImageSource):
 
     def identity(self) -> dict[str, Any]:
         # content hash: two different tensors must never share cached tallies
-        import hashlib
-
         digest = hashlib.sha256(self.images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
         return {**super().identity(), "sha256": digest}
 

@@ -24,9 +24,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from seeing.data.sources import EmptySourceError, ImageSource, file_stamps
+from seeing.data.sources import EmptySourceError, ImageSource, module_fingerprint
 from seeing.metrics.fsd import FrechetSegmentationDistance, class_tally, per_class_table, rank_classes
 from seeing.reporting import WandbReport, _atomic_write_bytes, save_figure, write_csv, write_json
 
@@ -123,11 +123,13 @@ def tally_source(
 # ------------------------------------------------------------------------------ cache
 
 
-def segmenter_identity(segmenter_cfg: Any, class_names: Sequence[str], oracle: bool) -> dict[str, Any]:
-    if oracle:
+def segmenter_identity(segmenter: torch.nn.Module | None, class_names: Sequence[str]) -> dict[str, Any]:
+    """Part of the tally cache key: the segmenter's class, classes and a fingerprint of its
+    weights (``path: null`` means the shipped file, which a newer package may replace)."""
+    if segmenter is None:
         return {"oracle": True, "classes": list(class_names)}
-    cfg = OmegaConf.to_container(segmenter_cfg, resolve=True) if isinstance(segmenter_cfg, DictConfig) else segmenter_cfg
-    return {"config": cfg, "files": file_stamps(cfg), "classes": list(class_names)}
+    return {"type": type(segmenter).__qualname__, "classes": list(class_names),
+            "weights_sha256": module_fingerprint(segmenter)}
 
 
 def cache_file(cache_dir: str | Path, source: ImageSource, segmenter_id: dict, n: int, resolution: int,
@@ -301,7 +303,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     real: ImageSource = hydra.utils.instantiate(cfg.real)
     fake: ImageSource = hydra.utils.instantiate(cfg.fake)
-    seg_id = segmenter_identity(cfg.get("segmenter"), class_names, oracle)
+    seg_id = segmenter_identity(segmenter, class_names)
     common = dict(
         segmenter=segmenter,
         segmenter_id=seg_id,
