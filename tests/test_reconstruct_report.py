@@ -74,3 +74,21 @@ def test_rank_agreement_between_two_rankings():
     assert rank_agreement(a, a)["spearman_shared"] == pytest.approx(1.0)
     rev = rank_agreement(a, list(reversed(a)), k=2)
     assert rev["top_k_overlap"] == 0 and rev["spearman_shared"] == pytest.approx(-1.0)
+
+
+def test_a_class_drawn_elsewhere_is_still_missing():
+    """Stray pixels of a class somewhere else in the reconstruction do not count as drawing it."""
+    target = torch.zeros(1, 10, 10, dtype=torch.long)
+    target[0, :3, :3] = 1  # a 9-pixel object top left
+    recon = torch.zeros_like(target)
+    recon[0, 7:, 7:] = 1  # the same class, bottom right
+    located = MissingClasses(2, min_fraction=0.05, min_recall=0.2)
+    located.update(target, recon)
+    anywhere = MissingClasses(2, min_fraction=0.05, min_recall=None)
+    anywhere.update(target, recon)
+    assert located.compute()["missing"].tolist() == [0, 1]
+    assert anywhere.compute()["missing"].tolist() == [0, 0]
+    recon[0, :2, :2] = 1  # 4 of its 9 pixels drawn in place: not missing any more
+    again = MissingClasses(2, min_fraction=0.05, min_recall=0.2)
+    again.update(target, recon)
+    assert again.compute()["missing"].tolist() == [0, 0]

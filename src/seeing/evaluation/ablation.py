@@ -14,14 +14,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 
 from seeing.reconstruct.deltas import RESULT_FILE, load_result
 from seeing.reconstruct.report import to_uint8
 from seeing.reporting import WandbReport, save_figure, write_csv, write_json, write_markdown_table
 
-from .reconstruction import fsd_comparison, summarize
+from .reconstruction import _min_recall, fsd_comparison, summarize
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +77,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     for (kind, variant), path in sorted(found.items()):
         result = load_result(path)
         s = summarize(result, segmenter, float(m.min_fraction), int(m.min_support), int(m.segment_batch_size),
-                      str(m.get("perceptual", "none")), m.get("vgg_path"))
+                      str(m.get("perceptual", "none")), m.get("vgg_path"), _min_recall(m))
         met = s["metrics"]
         row = {"targets": kind, "variant": variant, "method": DESCRIPTIONS.get(variant, variant),
                "images": met["images"], "steps": met["steps"], "pixel_l1": met["pixel_l1_final"]}

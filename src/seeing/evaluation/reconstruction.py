@@ -48,14 +48,15 @@ def perceptual_errors(result: Mapping[str, Any], vgg_path: str | None, batch_siz
 
 
 def summarize(result: Mapping[str, Any], segmenter: Any, min_fraction: float = 0.01, min_support: int = 2,
-              batch_size: int = 32, perceptual: str = "none", vgg_path: str | None = None) -> dict[str, Any]:
+              batch_size: int = 32, perceptual: str = "none", vgg_path: str | None = None,
+              min_recall: float | None = 0.2) -> dict[str, Any]:
     """Every number of one reconstruction run, plus the label maps the figure needs."""
     class_names = list(segmenter.class_names)
     k = len(class_names)
     target_labels = segment_all(segmenter, result["targets"], batch_size)
     recon_labels = segment_all(segmenter, result["final"].clamp(-1, 1), batch_size)
     initial_labels = segment_all(segmenter, result["initial"].clamp(-1, 1), batch_size)
-    missing = MissingClasses(k, min_fraction)
+    missing = MissingClasses(k, min_fraction, min_recall)
     missing.update(target_labels, recon_labels)
     stats = missing.compute()
     ranking = rank_missing(stats, class_names, min_support)
@@ -80,6 +81,11 @@ def summarize(result: Mapping[str, Any], segmenter: Any, min_fraction: float = 0
                  "iou": float(ious[c]), "iou_initial": float(iou_initial[c])} for c in present]
     return {"metrics": metrics, "missing": ranking, "iou": iou_rows, "class_names": class_names,
             "target_labels": target_labels, "recon_labels": recon_labels}
+
+
+def _min_recall(m: Mapping[str, Any]) -> float | None:
+    value = m.get("min_recall", 0.2)
+    return None if value is None else float(value)
 
 
 def fsd_comparison(missing_rows: list[dict[str, Any]], fsd_json: str | Path | None, k: int = 5) -> dict[str, Any] | None:
@@ -182,7 +188,7 @@ def write_summary(summary: Mapping[str, Any], result: Mapping[str, Any], out_dir
     write_csv(out_dir / "iou_per_class.csv", summary["iou"])
     fig = missing_figure(result["targets"], result["final"], summary["target_labels"], summary["recon_labels"],
                          summary["class_names"], out_dir / "missing.png", float(m.min_fraction),
-                         int(m.get("max_rows", 8)), title)
+                         int(m.get("max_rows", 8)), title, _min_recall(m))
     curves = loss_curve_figure(result["loss_curves"], out_dir / "loss_curves.png", title)
     wandb.log_metrics({f"{prefix}/{k}": v for k, v in summary["metrics"].items() if isinstance(v, (int, float))})
     wandb.log_table(f"{prefix}/missing_classes", summary["missing"])
@@ -200,7 +206,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     segmenter, generator = load_parts(cfg, need_models=not m.get("result"))
     result = load_result(m.result) if m.get("result") else reconstruct_here(cfg, out_dir, generator)
     summary = summarize(result, segmenter, float(m.min_fraction), int(m.min_support),
-                        int(m.get("segment_batch_size", 32)), str(m.get("perceptual", "none")), m.get("vgg_path"))
+                        int(m.get("segment_batch_size", 32)), str(m.get("perceptual", "none")), m.get("vgg_path"),
+                        _min_recall(m))
     variant = summary["metrics"]["variant"]
     title = f"{cfg.model.name}, variant {variant}: {result.get('target_source', '')}"
     wandb = WandbReport(cfg, job_type="reconstruction")

@@ -5,8 +5,11 @@ target but not in the reconstruction? Counted over a set of images and ranked,
 these are the objects the generator cannot draw (the paper's "what is missing").
 
 * :func:`class_presence` / :class:`MissingClasses` (a torchmetrics Metric): a class is
-  present in an image when it covers at least ``min_fraction`` of it; it is missing from
-  the reconstruction when present in the target and not in the reconstruction.
+  present in an image when it covers at least ``min_fraction`` of it. It is missing from the
+  reconstruction when present in the target and the reconstruction does not draw it *there*:
+  fewer than ``min_recall`` of the target's pixels of that class are labelled with it in the
+  reconstruction (``min_recall=None``: missing only when absent from the whole reconstruction,
+  which a few stray pixels of an artefact elsewhere can defeat).
 * :func:`rank_missing`: classes ranked by how often they go missing when present
   (ties: by how many images they go missing in), among classes present in at least
   ``min_support`` targets.
@@ -72,15 +75,36 @@ def class_presence(labels: torch.Tensor, num_classes: int, min_fraction: float =
     return counts / flat.shape[1] >= min_fraction
 
 
+def class_recall(target_labels: torch.Tensor, recon_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """N x K: the share of each target class's pixels that the reconstruction labels the same (NaN: absent)."""
+    n = target_labels.shape[0]
+    t = target_labels.reshape(n, -1).long().clamp(0, num_classes - 1)
+    hit = (target_labels == recon_labels).reshape(n, -1).double()
+    total = torch.zeros(n, num_classes, dtype=torch.float64, device=t.device)
+    total.scatter_add_(1, t, torch.ones_like(hit))
+    same = torch.zeros_like(total).scatter_add_(1, t, hit)
+    return same / total  # 0/0 -> NaN for classes the target lacks
+
+
+def missing_per_image(target_labels: torch.Tensor, recon_labels: torch.Tensor, num_classes: int,
+                      min_fraction: float = 0.01, min_recall: float | None = 0.2) -> torch.Tensor:
+    """N x K bool: present in the target and not drawn by the reconstruction (see the module doc)."""
+    present = class_presence(target_labels, num_classes, min_fraction)
+    if min_recall is None:
+        return present & ~class_presence(recon_labels, num_classes, min_fraction)
+    return present & (class_recall(target_labels, recon_labels, num_classes) < min_recall)
+
+
 class MissingClasses(Metric):
-    """Per class: in how many targets it is present, and in how many of those the reconstruction lacks it."""
+    """Per class: in how many targets it is present, and in how many of those the reconstruction misses it."""
 
     full_state_update = False
     is_differentiable = False
 
-    def __init__(self, num_classes: int, min_fraction: float = 0.01, **kwargs):
+    def __init__(self, num_classes: int, min_fraction: float = 0.01, min_recall: float | None = 0.2, **kwargs):
         super().__init__(**kwargs)
         self.num_classes, self.min_fraction = int(num_classes), float(min_fraction)
+        self.min_recall = None if min_recall is None else float(min_recall)
         self.add_state("present", default=torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("missing", default=torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
         # pixels of the target's class k that the reconstruction labels as something else
@@ -91,10 +115,8 @@ class MissingClasses(Metric):
         if target_labels.shape != recon_labels.shape:
             raise ValueError(f"label maps differ in shape: {tuple(target_labels.shape)} vs {tuple(recon_labels.shape)}")
         k = self.num_classes
-        present_t = class_presence(target_labels, k, self.min_fraction)
-        present_r = class_presence(recon_labels, k, self.min_fraction)
-        self.present += present_t.sum(0)
-        self.missing += (present_t & ~present_r).sum(0)
+        self.present += class_presence(target_labels, k, self.min_fraction).sum(0)
+        self.missing += missing_per_image(target_labels, recon_labels, k, self.min_fraction, self.min_recall).sum(0)
         t = target_labels.reshape(-1).long().clamp(0, k - 1)
         lost = (target_labels != recon_labels).reshape(-1).double()
         self.target_pixels += torch.bincount(t, minlength=k).double()
@@ -104,13 +126,6 @@ class MissingClasses(Metric):
         rate = self.missing.double() / self.present.clamp(min=1).double()
         lost = self.lost_pixels / self.target_pixels.clamp(min=1)
         return {"present": self.present, "missing": self.missing, "missing_rate": rate, "lost_pixel_fraction": lost}
-
-
-def missing_per_image(target_labels: torch.Tensor, recon_labels: torch.Tensor, num_classes: int,
-                      min_fraction: float = 0.01) -> torch.Tensor:
-    """N x K bool: present in the target, absent from the reconstruction."""
-    return class_presence(target_labels, num_classes, min_fraction) & ~class_presence(recon_labels, num_classes,
-                                                                                       min_fraction)
 
 
 def rank_missing(stats: Mapping[str, torch.Tensor], class_names: Sequence[str], min_support: int = 2,
@@ -189,7 +204,8 @@ def missing_overlay(image: np.ndarray, target_labels: np.ndarray, missing_classe
 
 def missing_figure(targets: torch.Tensor, recons: torch.Tensor, target_labels: torch.Tensor,
                    recon_labels: torch.Tensor, class_names: Sequence[str], path: str | Path,
-                   min_fraction: float = 0.01, max_rows: int = 8, title: str = "") -> Path:
+                   min_fraction: float = 0.01, max_rows: int = 8, title: str = "",
+                   min_recall: float | None = 0.2) -> Path:
     """Rows of [target | reconstruction | segmentation of each | missing objects highlighted]."""
     import matplotlib
 
@@ -200,7 +216,7 @@ def missing_figure(targets: torch.Tensor, recons: torch.Tensor, target_labels: t
     k = len(class_names)
     pal = palette(k)
     n = min(max_rows, targets.shape[0])
-    miss = missing_per_image(target_labels[:n], recon_labels[:n], k, min_fraction)
+    miss = missing_per_image(target_labels[:n], recon_labels[:n], k, min_fraction, min_recall)
     t_img, r_img = to_uint8(targets[:n]), to_uint8(recons[:n])
     fig, axes = plt.subplots(n, 5, figsize=(10, 2.1 * n + 0.6), squeeze=False)
     heads = ["target", "reconstruction", "target segmentation", "reconstruction segmentation", "missing"]
