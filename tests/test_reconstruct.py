@@ -12,7 +12,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from seeing.gans import ProGANGenerator
 from seeing.inversion.hybrid import new_hybrid_encoder
-from seeing.reconstruct.deltas import Reconstructor, correction_positions, render
+from seeing.reconstruct.deltas import Reconstructor, correction_positions
 from seeing.reconstruct.init import RANDOM_START_SEED, initial_latents
 from seeing.reconstruct.losses import VGG16_FILE, RELU4_2, ReconstructionLoss, VGGPerceptual
 from seeing.reconstruct.stage import build_reconstructor, find_direct_encoder, find_hybrid

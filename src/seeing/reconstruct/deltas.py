@@ -31,8 +31,6 @@ files), and a checkpoint made for other targets is refused.
 """
 from __future__ import annotations
 
-import logging
-import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -47,8 +45,6 @@ from seeing.inversion.values import feature_tensor, with_feature
 from seeing.reporting import torch_save_atomic
 
 from .losses import ReconstructionLoss
-
-log = logging.getLogger(__name__)
 
 RESULT_FILE = "reconstruction.pt"
 RESULT_FORMAT = "seeing.reconstruct/v1"
@@ -338,7 +334,3 @@ def load_result(path: str | Path) -> dict[str, Any]:
     if not isinstance(obj, dict) or obj.get("format") != RESULT_FORMAT:
         raise ValueError(f"{path} is not a {RESULT_FORMAT} file")
     return obj
-
-
-def chunk_count(n: int, batch_size: int) -> int:
-    return math.ceil(n / batch_size)
