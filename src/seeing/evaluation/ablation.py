@@ -94,9 +94,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         log.info("ablation %s/%s: %s", kind, variant, row)
     # generated-target runs have correlation columns that real ones lack: one column set for all
     columns = list(dict.fromkeys(c for r in rows for c in r))
-    rows = [{c: r.get(c, "") for c in columns} for r in rows]
+    rows = [{c: r.get(c) for c in columns} for r in rows]  # None: not measured (W&B tables take None)
     write_csv(out_dir / "ablation.csv", rows)
-    write_markdown_table(out_dir / "ablation.md", rows)
+    write_markdown_table(out_dir / "ablation.md", [{c: ("" if v is None else v) for c, v in r.items()} for r in rows])
     write_csv(out_dir / "ablation_missing.csv", missing_rows)
     figures = {kind: comparison_figure(kind, res, out_dir / f"ablation_{kind}.png", int(m.max_rows))
                for kind, res in by_kind.items()}
