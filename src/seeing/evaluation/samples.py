@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 
 from seeing.reporting import WandbReport, write_json
@@ -55,17 +55,13 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def _identity(cfg: DictConfig, generator) -> dict[str, Any]:
-    """What the folder's images are a function of. The checkpoint's own meta is included
-    because ``checkpoint: null`` (a packaged asset) names no file whose change would show."""
-    from seeing.data.sources import file_stamps
+    """What the folder's images are a function of: the weights themselves (``checkpoint: null``
+    names a packaged asset, whose replacement no config change would show) and the seed."""
+    from seeing.data.sources import module_fingerprint
 
-    gen_cfg = cfg.model.get("generator")
-    gen_cfg = OmegaConf.to_container(gen_cfg, resolve=True) if gen_cfg is not None else None
     return {
         "model": cfg.model.get("name"),
-        "generator": gen_cfg,
-        "files": file_stamps(gen_cfg),
-        "checkpoint_meta": getattr(generator, "checkpoint_meta", {}),
+        "weights_sha256": module_fingerprint(generator),
         "seed": int(cfg.metric.seed),
     }
 
@@ -129,6 +125,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "path": str(out.resolve()),
         "identity": identity,
         "resolution": int(generator.resolution),
+        "checkpoint_meta": getattr(generator, "checkpoint_meta", {}),
         **counts,
         "complete": True,
         "seconds": round(time.perf_counter() - started, 2),
