@@ -30,6 +30,9 @@ DESCRIPTIONS = {
     "f": "layer-wise encoder + optimise deltas (ours)",
 }
 
+SHORT = {"a": "opt. z", "b": "direct enc.", "c": "direct + z", "d": "layer-wise enc.", "e": "layer-wise + z",
+         "f": "layer-wise + deltas"}
+
 
 def comparison_figure(kind: str, results: dict[str, dict[str, Any]], path: Path, rows: int = 6) -> Path:
     """Rows of images: the target, then each variant's final reconstruction."""
@@ -41,7 +44,8 @@ def comparison_figure(kind: str, results: dict[str, dict[str, Any]], path: Path,
     variants = sorted(results)
     first = results[variants[0]]
     n = min(rows, first["targets"].shape[0])
-    cols = [("target", first["targets"][:n])] + [(v, results[v]["final"][:n]) for v in variants]
+    cols = [("target", first["targets"][:n])] + [(f"{v}: {SHORT.get(v, '')}", results[v]["final"][:n])
+                                                 for v in variants]
     fig, axes = plt.subplots(n, len(cols), figsize=(1.6 * len(cols), 1.6 * n + 0.4), squeeze=False)
     for j, (name, images) in enumerate(cols):
         pics = to_uint8(images)
@@ -51,7 +55,7 @@ def comparison_figure(kind: str, results: dict[str, dict[str, Any]], path: Path,
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(name, fontsize=8)
+                ax.set_title(name, fontsize=7)
     fig.suptitle(f"ablation on {kind} targets", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
