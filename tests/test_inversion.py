@@ -316,10 +316,13 @@ def test_layer_stages_run_for_every_zoo_layout(compose, tmp_path, tiny_wgangp_fi
 
 
 def test_image_fit_diagnostic_matches_pixels_and_reports_correlations():
-    from seeing.inversion.diagnostics import image_fit_correlation
+    from seeing.inversion.diagnostics import image_fit_correlation, latent_fit_correlation
 
     torch.manual_seed(0)
     g = ProGANGenerator(z_dim=16, widths=[16, 16, 8]).eval()
     result = image_fit_correlation(g, "layer4", samples=4, steps=80, lr=0.05)
     assert result.fitted_pixel_mse < 0.5 * result.start_pixel_mse
     assert -1 <= result.start_correlation < result.fitted_correlation <= 1
+    through_z = latent_fit_correlation(g, "layer4", samples=4, steps=80, lr=0.05)
+    assert through_z.fitted_pixel_mse < through_z.start_pixel_mse
+    assert -1 <= through_z.fitted_correlation <= 1
