@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) evaluate.py metric=fsd fake=generator model=scenes_progan
+	$(PY) evaluate.py metric=fsd
 	$(PY) evaluate.py metric=reconstruction
 
 test: $(STAMP)

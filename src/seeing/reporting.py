@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -35,7 +35,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, default=_jsonable) + "\n").encode())
+    write_bytes_atomic(Path(path), (json.dumps(obj, indent=2, default=_jsonable) + "\n").encode())
     return Path(path)
 
 
@@ -45,7 +45,7 @@ def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
         writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
         writer.writeheader()
         writer.writerows(rows)
-    _atomic_write_bytes(Path(path), buf.getvalue().encode())
+    write_bytes_atomic(Path(path), buf.getvalue().encode())
     return Path(path)
 
 
@@ -56,14 +56,14 @@ def write_markdown_table(path: str | Path, rows: Sequence[Mapping[str, Any]], fl
     cols = list(rows[0].keys()) if rows else []
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
-    _atomic_write_bytes(Path(path), ("\n".join(lines) + "\n").encode())
+    write_bytes_atomic(Path(path), ("\n".join(lines) + "\n").encode())
     return Path(path)
 
 
 def torch_save_atomic(obj: Any, path: str | Path) -> Path:
     buf = io.BytesIO()
     torch.save(obj, buf)
-    _atomic_write_bytes(Path(path), buf.getvalue())
+    write_bytes_atomic(Path(path), buf.getvalue())
     return Path(path)
 
 
@@ -74,7 +74,7 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    _atomic_write_bytes(Path(path), buf.getvalue())
+    write_bytes_atomic(Path(path), buf.getvalue())
     return Path(path)
 
 

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from seeing.data.sources import EmptySourceError, ImageSource, module_fingerprint
 from seeing.metrics.fsd import FrechetSegmentationDistance, class_tally, per_class_table, rank_classes
-from seeing.reporting import WandbReport, _atomic_write_bytes, save_figure, write_csv, write_json
+from seeing.reporting import WandbReport, write_bytes_atomic, save_figure, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def save_cached(path: Path, tally: Tally) -> None:
     buf = io.BytesIO()
     skipped = np.array(["\t".join(s) for s in tally.skipped], dtype=str)
     np.savez(buf, tallies=tally.tallies, skipped=skipped)
-    _atomic_write_bytes(path, buf.getvalue())  # a killed run never leaves half a cache file
+    write_bytes_atomic(path, buf.getvalue())  # a killed run never leaves half a cache file
 
 
 def cached_tally(

@@ -211,15 +211,15 @@ class WGANGP(pl.LightningModule):
         """Save the fixed-z grid as ``samples/step_<generator step>.png`` and log it."""
         from PIL import Image
 
-        from seeing.reporting import _atomic_write_bytes
+        from seeing.reporting import write_bytes_atomic
 
         grid = self.sample_grid()
         buf = io.BytesIO()
         Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()).save(buf, format="PNG")
         out = Path(self.trainer.default_root_dir) / "samples"
         path = out / f"step_{int(self.generator_steps):07d}.png"
-        _atomic_write_bytes(path, buf.getvalue())
-        _atomic_write_bytes(out / "latest.png", buf.getvalue())
+        write_bytes_atomic(path, buf.getvalue())
+        write_bytes_atomic(out / "latest.png", buf.getvalue())
         for logger in self.loggers:
             if hasattr(logger, "log_image"):  # W&B
                 logger.log_image("samples", images=[str(path)], step=self.global_step)
