@@ -12,7 +12,7 @@ CPU (pytest-benchmark, one run measures both and their ratio):
     Both run the same number of steps per image and must reach the same per-image final
     loss (the batched run is the same maths; the test asserts it), so the ratio of wall
     times is the speed-up of batching alone. A small model: a ProGAN at 64x64 with the
-    embedded scenes model's widths (random weights).
+    embedded scenes model's widths [128, 64, 32, 16, 8] (random weights).
 
 GPU (``bench/gpu.sh``): ``python bench/bench_reconstruct.py --device cuda ...`` runs the same
 comparison at 256x256 with the full ProGAN widths, the batched side in bf16 autocast,
@@ -99,7 +99,7 @@ def test_batched_vs_one_at_a_time_cpu(benchmark):
 
     torch.set_num_threads(1)  # a shared machine: one core gives repeatable numbers
     n, steps = 16, 40
-    g, x, z0 = make_problem(64, [128, 128, 64, 32, 16], 128, n)
+    g, x, z0 = make_problem(64, [128, 64, 32, 16, 8], 128, n)
     positions = correction_positions("deltas", LAYERS)
 
     def batched():
@@ -146,7 +146,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
 
-    widths = {256: [512, 512, 512, 512, 256, 128, 64], 64: [128, 128, 64, 32, 16]}[args.resolution]
+    widths = {256: [512, 512, 512, 512, 256, 128, 64], 64: [128, 64, 32, 16, 8]}[args.resolution]
     z_dim = 512 if args.resolution == 256 else 128
     g, x, z0 = make_problem(args.resolution, widths, z_dim, args.batch, device=args.device)
     positions = correction_positions("deltas", LAYERS)
