@@ -13,8 +13,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from seeing.reporting import WandbReport, write_json
+from seeing.reporting import WandbReport, write_bytes_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +36,7 @@ def sample_name(index: int) -> str:
 def _save_png(image: np.ndarray, path: Path) -> None:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

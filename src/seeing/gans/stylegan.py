@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .materialize import build_and_load
-from .stylegan_common import Mapping, StyledState, StyleGenerator, StyleOutput
+from .stylegan_common import Mapping, StyledState, StyleGenerator, StyleOutput, infer_style_sizes
 
 LAYOUT = "genforce_stylegan"
 
@@ -177,16 +177,7 @@ class StyleGANGenerator(StyleGenerator):
 
 def infer_sizes(state_dict: MappingType[str, torch.Tensor]) -> dict:
     """Constructor sizes of :class:`StyleGANGenerator` from a genforce StyleGAN state dict."""
-    dense = sorted(int(m[1]) for k in state_dict if (m := re.fullmatch(r"mapping\.dense(\d+)\.weight", k)))
-    outputs = sorted(int(m[1]) for k in state_dict if (m := re.fullmatch(r"synthesis\.output(\d+)\.weight", k)))
-    if not dense or not outputs or "synthesis.layer0.const" not in state_dict:
-        raise ValueError(f"not a {LAYOUT} state dict (needs mapping.dense*, synthesis.layer0.const, "
-                         "synthesis.output*)")
-    widths = [int(state_dict["synthesis.layer0.const"].shape[1])]
-    widths += [int(state_dict[f"synthesis.layer{2 * b}.weight"].shape[0]) for b in range(1, outputs[-1] + 1)]
-    return dict(z_dim=int(state_dict["mapping.dense0.weight"].shape[1]),
-                w_dim=int(state_dict[f"mapping.dense{dense[-1]}.weight"].shape[0]),
-                widths=widths, mapping_layers=len(dense))
+    return infer_style_sizes(state_dict, "synthesis.layer0.const", LAYOUT)
 
 
 def to_internal(state_dict: MappingType[str, torch.Tensor]) -> dict[str, torch.Tensor]:

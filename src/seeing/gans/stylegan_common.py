@@ -22,7 +22,8 @@ its truncation makes z a poor search space. ``sample_z`` still draws Gaussian z,
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+import re
+from typing import Mapping as MappingType, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -140,3 +141,17 @@ class StyleGenerator(LayeredGenerator):
         truncated as the mapping layer would."""
         ws = w.unsqueeze(1).expand(-1, self.num_ws, -1) if w.ndim == 2 else w
         return StyledState(None, self.mapping.truncate(ws))
+
+
+def infer_style_sizes(state_dict: MappingType[str, torch.Tensor], const_key: str, layout: str) -> dict:
+    """Constructor sizes (z_dim, w_dim, widths, mapping_layers) of a genforce StyleGAN/StyleGAN2
+    state dict; ``const_key`` names the learned 4x4 input, whose channels are the first width."""
+    dense = sorted(int(m[1]) for k in state_dict if (m := re.fullmatch(r"mapping\.dense(\d+)\.weight", k)))
+    outputs = sorted(int(m[1]) for k in state_dict if (m := re.fullmatch(r"synthesis\.output(\d+)\.weight", k)))
+    if not dense or not outputs or const_key not in state_dict:
+        raise ValueError(f"not a {layout} state dict (needs mapping.dense*, {const_key}, synthesis.output*)")
+    widths = [int(state_dict[const_key].shape[1])]
+    widths += [int(state_dict[f"synthesis.layer{2 * b}.weight"].shape[0]) for b in range(1, outputs[-1] + 1)]
+    return dict(z_dim=int(state_dict["mapping.dense0.weight"].shape[1]),
+                w_dim=int(state_dict[f"mapping.dense{dense[-1]}.weight"].shape[0]),
+                widths=widths, mapping_layers=len(dense))
