@@ -2,7 +2,7 @@
 
 CPU (pytest-benchmark, one run measures both and their ratio):
 
-    pytest bench/bench_reconstruct.py --benchmark-only -s
+    pytest bench/bench_reconstruct.py --benchmark-only -s          (BENCH_THREADS=2: two threads)
 
     * batched: the ``stage=reconstruct`` LightningModule (:class:`Reconstructor`), all
       images in one batch;
@@ -22,6 +22,7 @@ on a few images, and reports images x steps per second for each.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -97,7 +98,8 @@ def test_batched_vs_one_at_a_time_cpu(benchmark):
 
     from seeing.reconstruct.deltas import Reconstructor
 
-    torch.set_num_threads(1)  # a shared machine: one core gives repeatable numbers
+    threads = int(os.environ.get("BENCH_THREADS", "1"))  # a shared machine: one core gives repeatable numbers
+    torch.set_num_threads(threads)
     n, steps = 16, 40
     g, x, z0 = make_problem(64, [128, 64, 32, 16, 8], 128, n)
     positions = correction_positions("deltas", LAYERS)
@@ -121,13 +123,14 @@ def test_batched_vs_one_at_a_time_cpu(benchmark):
 
     # same maths: every image ends at the same loss either way (to float noise: batched and batch-1
     # convolutions sum in different orders, and Adam on an L1 loss amplifies that a little)
-    assert torch.allclose(batched_losses[-1], loop_losses, rtol=1e-2), (batched_losses[-1], loop_losses)
+    assert torch.allclose(batched_losses[-1], loop_losses, rtol=2e-2), (batched_losses[-1], loop_losses)
+    assert abs(float(batched_losses[-1].mean() - loop_losses.mean())) <= 2e-3 * float(loop_losses.mean())
     ratio = loop_s / batched_s
-    benchmark.extra_info.update({"images": n, "steps": steps, "resolution": 64, "threads": 1,
+    benchmark.extra_info.update({"images": n, "steps": steps, "resolution": 64, "threads": threads,
                                  "batched_s": round(batched_s, 3), "one_at_a_time_s": round(loop_s, 3),
                                  "speedup": round(ratio, 2),
                                  "mean_final_loss": round(float(loop_losses.mean()), 5)})
-    print(f"\nreconstruct, {n} images x {steps} steps, 64px ProGAN, CPU 1 thread: batched (Lightning stage) "
+    print(f"\nreconstruct, {n} images x {steps} steps, 64px ProGAN, CPU {threads} thread(s): batched (Lightning stage) "
           f"{batched_s:.2f}s vs one at a time (batch 1 fp32 loop) {loop_s:.2f}s -> {ratio:.1f}x; "
           f"mean final loss {float(loop_losses.mean()):.5f} both ways (max diff "
           f"{float((batched_losses[-1] - loop_losses).abs().max()):.2e})")
