@@ -109,7 +109,14 @@ def test_every_variant_runs_and_the_ablation_reports_them(compose, files, tmp_pa
     assert (out / "ablation_real.png").is_file() and (out / "ablation.md").is_file()
 
 
-def test_reconstruction_report_runs_here_and_fails_clearly_without_encoder(compose, files, tmp_path):
+def test_reconstruction_report_runs_here_and_fails_clearly_without_encoder(compose, files, tmp_path, monkeypatch):
+    import seeing.reconstruct.stage as stage
+
+    # the shipped hybrid fits the shipped GAN only: a tiny generator needs its own encoder
+    with pytest.raises(ValueError, match=r"trained for another model.*stage=hybrid"):
+        evaluate(compose("evaluate", ["metric=reconstruction", f"model.checkpoint={files['generator']}",
+                                      f"segmenter.path={files['segmenter']}", "logger=csv"]))
+    monkeypatch.setattr(stage, "ASSETS", tmp_path / "no_assets")  # a checkout without shipped encoders
     model = [f"model.checkpoint={files['generator']}", f"segmenter.path={files['segmenter']}", "logger=csv",
              "metric.reconstruct.steps=4", "metric.reconstruct.targets.count=3", "metric.progress=false"]
     with pytest.raises(FileNotFoundError, match=r"stage=hybrid"):

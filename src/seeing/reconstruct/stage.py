@@ -29,6 +29,8 @@ from .targets import TargetSet, generated_targets, real_targets
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
+HYBRID_COMMAND = ("python train.py -m model={model} stage=layer1,layer2,layer3,layer4,encoder "
+                  "&& python train.py model={model} stage=hybrid")
 
 
 def _missing(what: str, tried: Sequence[Path], command: str) -> FileNotFoundError:
@@ -47,9 +49,7 @@ def find_hybrid(run_root: str | Path, model_name: str, explicit: str | Path | No
     for p in tried:
         if p.is_file():
             return p
-    raise _missing(f"the hybrid encoder of {model_name!r}", tried,
-                   f"python train.py -m model={model_name} stage=layer1,layer2,layer3,layer4,encoder "
-                   f"&& python train.py model={model_name} stage=hybrid")
+    raise _missing(f"the hybrid encoder of {model_name!r}", tried, HYBRID_COMMAND.format(model=model_name))
 
 
 def find_direct_encoder(run_root: str | Path, model_name: str, explicit: str | Path | None = None) -> Path:
@@ -111,7 +111,11 @@ def build_reconstructor(generator: LayeredGenerator, inversion_layers: Sequence[
 
             path = find_hybrid(run_root, model_name, hybrid_path)
             log.info("hybrid encoder: %s", path)
-            hybrid = load_hybrid_encoder(path, generator)
+            try:
+                hybrid = load_hybrid_encoder(path, generator)
+            except ValueError as e:  # e.g. the shipped encoder next to a user's own generator
+                raise ValueError(f"{e}. Train a hybrid encoder for this generator with "
+                                 f"`{HYBRID_COMMAND.format(model=model_name)}`") from e
         encoder = hybrid.eval()
     elif init == "direct_encoder":
         if direct_encoder is None:
