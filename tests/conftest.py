@@ -33,6 +33,18 @@ def compose_config(config_name: str, overrides: list[str], run_root: Path | None
     return cfg
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """The tests run tiny models on a shared 2-core machine: extra intra-op threads only add
+    OpenMP contention (it made some tests 20x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def compose(tmp_path):
     """``compose("train", ["stage=layer1", ...])`` with outputs under the test's tmp dir."""

@@ -41,15 +41,6 @@ QUICK = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP thread contention on a busy machine (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_progan_file(tmp_path_factory) -> Path:
     """A random 16x16 ProGAN in the project's generator file format (what model=scenes_progan reads)."""

@@ -20,15 +20,6 @@ from seeing.reconstruct.stage import build_reconstructor, find_direct_encoder, f
 LAYERS = ["layer1", "layer2", "layer3", "layer4"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models on a shared CPU: extra intra-op threads only add contention
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def quiet_trainer(**kwargs) -> pl.Trainer:
     opts = dict(max_steps=-1, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                 enable_model_summary=False, accelerator="cpu", devices=1)

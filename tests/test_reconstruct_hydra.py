@@ -26,14 +26,6 @@ QUICK = [
 RECON = ["stage=reconstruct", "stage.module.steps=3", "stage.targets.count=3", "stage.module.batch_size=2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A random 16x16 ProGAN, a random hybrid encoder for it and a random 12-class scenes segmenter."""

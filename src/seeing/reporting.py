@@ -67,6 +67,19 @@ def torch_save_atomic(obj: Any, path: str | Path) -> Path:
     return Path(path)
 
 
+def load_format_file(path: str | Path, fmt: str, what: str) -> dict[str, Any]:
+    """Read one of the project's own ``{"format": fmt, ...}`` torch files (weights only), with
+    errors that say which file was expected and what was found instead."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        found = obj.get("format") if isinstance(obj, dict) else None
+        raise ValueError(f"{path} is not a {fmt} file (format={found!r})")
+    return obj
+
+
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     """Save a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt

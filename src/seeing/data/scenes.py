@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 CLASS_NAMES: tuple[str, ...] = (
     "sky", "mountain", "building", "road", "grass", "tree",

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from seeing.gans.layered import LATENT, LayeredGenerator
-from seeing.reporting import torch_save_atomic
+from seeing.reporting import load_format_file, torch_save_atomic
 
 from .encoder import EncoderSpec, ImageEncoder, encoder_spec
 from .inverters import InverterSpec, LayerInverter, check_chain, inverter_spec, probe_shapes
@@ -171,12 +171,7 @@ def save_inversion_file(path: str | Path, kind: str, *, inverters: Mapping[str, 
 
 
 def read_inversion_file(path: str | Path, kind: str | None = None) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no inversion file at {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} file (format={obj.get('format') if isinstance(obj, dict) else None!r})")
+    obj = load_format_file(path, FORMAT, "inversion file")
     if kind is not None and obj.get("kind") != kind:
         raise ValueError(f"{path} holds a {obj.get('kind')!r}, expected a {kind!r}")
     return obj

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from seeing.gans.layered import LATENT, LayeredGenerator
 from seeing.inversion.hybrid import latent_value
 from seeing.inversion.values import feature_tensor, with_feature
-from seeing.reporting import torch_save_atomic
+from seeing.reporting import load_format_file, torch_save_atomic
 
 from .losses import ReconstructionLoss
 
@@ -327,10 +327,4 @@ class Reconstructor(pl.LightningModule):
 
 
 def load_result(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no reconstruction result at {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict) or obj.get("format") != RESULT_FORMAT:
-        raise ValueError(f"{path} is not a {RESULT_FORMAT} file")
-    return obj
+    return load_format_file(path, RESULT_FORMAT, "reconstruction result")

@@ -29,7 +29,7 @@ from seeing.inversion.hybrid import generate_from_latent, module_record
 from seeing.inversion.inverters import probe_shapes
 from seeing.inversion.stages import InversionStage
 from seeing.inversion.values import feature_tensor
-from seeing.reporting import torch_save_atomic
+from seeing.reporting import load_format_file, torch_save_atomic
 
 FORMAT = "seeing.reconstruct.direct_encoder/v1"
 STAGE = "direct_encoder"
@@ -78,12 +78,7 @@ class DirectEncoder(nn.Module):
 def load_direct_encoder(path: str | Path, generator: LayeredGenerator | None = None,
                         map_location: str | torch.device = "cpu") -> DirectEncoder:
     """A :class:`DirectEncoder` from its file, in eval mode (checked against ``generator`` if given)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no direct encoder at {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} file")
+    obj = load_format_file(path, FORMAT, "direct encoder")
     spec = EncoderSpec.from_dict(obj["encoder"]["spec"])
     model = DirectEncoder(spec.image_size, obj["latent_shape"], obj["latent_name"], spec=spec,
                           normalize=bool(obj.get("normalize", False)))
