@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from seeing.pipeline import resolve_ckpt_path
+from seeing.pipeline import resolve_ckpt_path, train
 
 
 def test_stage_outputs_follow_the_run_root_convention(compose, tmp_path):
@@ -28,3 +28,9 @@ def test_missing_explicit_checkpoint_errors(tmp_path):
     cfg = OmegaConf.create({"ckpt_path": str(tmp_path / "nope.ckpt"), "output_dir": str(tmp_path)})
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         resolve_ckpt_path(cfg)
+
+
+def test_unset_checkpoint_names_the_override_to_add(compose):
+    cfg = compose("train", ["model=progan", "stage=layer3", "logger=csv"])
+    with pytest.raises(ValueError, match=r"model\.checkpoint=/path/to/weights\.pth"):
+        train(cfg)

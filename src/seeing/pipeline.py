@@ -45,6 +45,29 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return str(ckpt)
 
 
+def check_required(cfg: DictConfig) -> None:
+    """Fail before anything is built when a mandatory (``???``) setting is unset, naming the
+    override to add (Hydra would otherwise report the first interpolation that reads it)."""
+    missing = sorted(_missing_keys(OmegaConf.to_container(cfg, resolve=False)))
+    if not missing:
+        return
+    hint = ""
+    if "model.checkpoint" in missing:
+        hint = (f" model={cfg.model.get('name', '?')} loads a local file: add model.checkpoint=/path/to/weights.pth"
+                " (conf/model/<name>.yaml lists the public files it accepts).")
+    raise ValueError(f"missing required settings: {', '.join(missing)}.{hint}")
+
+
+def _missing_keys(node: Any, prefix: str = "") -> list[str]:
+    # walks the unresolved tree: OmegaConf.missing_keys resolves interpolations and so fails on
+    # the first one that reads a missing value, which is exactly the case to explain
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _missing_keys(v, f"{prefix}{key}.")]
+    if isinstance(node, list):
+        return [k for i, v in enumerate(node) for k in _missing_keys(v, f"{prefix}{i}.")]
+    return [prefix[:-1]] if node == "???" else []
+
+
 def set_threads() -> None:
     """Respect SEEING_THREADS on shared CPU machines (torch otherwise takes every core)."""
     n = os.environ.get("SEEING_THREADS")
@@ -53,6 +76,7 @@ def set_threads() -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    check_required(cfg)
     set_threads()
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
@@ -85,6 +109,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def evaluate(cfg: DictConfig) -> Any:
     """Each ``metric`` config names a ``run`` function taking the whole config."""
+    check_required(cfg)
     set_threads()
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, Path(cfg.output_dir) / "config.yaml", resolve=False)
