@@ -15,6 +15,16 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_DISABLE_GIT", "true")
 
 
+# Overrides that make a Lightning stage a quick CPU run in tests: CSV logs, no progress bar
+# or model summary.
+QUICK_TRAIN = [
+    "logger=csv",
+    "callbacks.progress=null",
+    "trainer.enable_progress_bar=false",
+    "+stage.trainer.enable_model_summary=false",
+]
+
+
 def compose_config(config_name: str, overrides: list[str], run_root: Path | None = None):
     """Compose ``conf/<config_name>.yaml`` as the entry points do (with the hydra node, so
     ``${hydra:...}`` interpolations resolve) and point every output at ``run_root``."""

@@ -25,13 +25,11 @@ from seeing.inversion.inverters import build_layer_inverter
 from seeing.inversion.values import feature_tensor
 from seeing.pipeline import train
 
+from conftest import QUICK_TRAIN
+
 LAYERS = ["layer1", "layer2", "layer3", "layer4"]
 # fast CPU runs: no progress bar, CSV logs, a couple of steps, a tiny held-out set
-QUICK = [
-    "logger=csv",
-    "callbacks.progress=null",
-    "trainer.enable_progress_bar=false",
-    "+stage.trainer.enable_model_summary=false",
+QUICK = QUICK_TRAIN + [
     "+stage.trainer.num_sanity_val_steps=0",
     "stage.trainer.max_steps=4",
     "stage.trainer.val_check_interval=4",

@@ -16,13 +16,10 @@ from seeing.reconstruct.deltas import load_result
 from seeing.reconstruct.direct_encoder import load_direct_encoder
 from seeing.reporting import torch_save_atomic
 
+from conftest import QUICK_TRAIN
+
 LAYERS = ["layer1", "layer2", "layer3", "layer4"]
-QUICK = [
-    "logger=csv",
-    "callbacks.progress=null",
-    "trainer.enable_progress_bar=false",
-    "+stage.trainer.enable_model_summary=false",
-]
+QUICK = QUICK_TRAIN
 RECON = ["stage=reconstruct", "stage.module.steps=3", "stage.targets.count=3", "stage.module.batch_size=2"]
 
 

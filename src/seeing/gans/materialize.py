@@ -12,6 +12,8 @@ from typing import Callable, Mapping, TypeVar
 import torch
 from torch import nn
 
+from seeing.state_dicts import load_exact
+
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -28,21 +30,5 @@ def build_and_load(factory: Callable[[], M], state_dict: Mapping[str, torch.Tens
     """
     with torch.device("meta"):
         module = factory()
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = sorted(k for k in expected.keys() & state_dict.keys()
-                   if tuple(expected[k].shape) != tuple(state_dict[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:20]}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:20]}")
-        if wrong:
-            parts.append("shape mismatches " + ", ".join(
-                f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-                for k in wrong[:20]))
-        raise ValueError(f"cannot load {what}: " + "; ".join(parts))
-    module.load_state_dict(dict(state_dict), strict=True, assign=True)
+    load_exact(module, state_dict, f"cannot load {what}", optional=())
     return module

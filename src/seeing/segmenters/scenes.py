@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Segmenter, load_exact, require_file, resolve_device
+from seeing.state_dicts import load_exact
+
+from .base import Segmenter, require_file, resolve_device
 
 ASSET_NAME = "scenes_segmenter.pt"
 

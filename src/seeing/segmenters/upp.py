@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 
-from .base import Segmenter, load_exact, load_state_dict_file, require_file, resolve_device
+from seeing.state_dicts import load_exact
+
+from .base import Segmenter, load_state_dict_file, require_file, resolve_device
 
 log = logging.getLogger(__name__)
 

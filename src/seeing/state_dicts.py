@@ -1,0 +1,43 @@
+"""Strict state-dict loading with errors that say what does not fit.
+
+Shared by the generator loaders and the segmenters: both take public checkpoints whose
+layout must match the module exactly, and both may build the module on the meta device.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+def load_exact(module: nn.Module, state: Mapping[str, torch.Tensor], what: str,
+               optional: Iterable[str] = ("num_batches_tracked",)) -> None:
+    """Load ``state`` into ``module`` requiring the same keys and shapes, with an error that
+    lists what is missing, unexpected or mis-shaped. Keys ending in an ``optional`` suffix may
+    be absent (old checkpoints predate BatchNorm's ``num_batches_tracked``). ``module`` may
+    live on the meta device; it takes over the state's tensors."""
+    own = module.state_dict()
+    optional = tuple(optional)
+    missing = [k for k in own if k not in state and not k.endswith(optional)]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        def head(items: list[str]) -> str:
+            return ", ".join(items[:6]) + (f", ... ({len(items)} in all)" if len(items) > 6 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {head(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {head(unexpected)}")
+        if wrong:
+            parts.append(f"shape mismatches: {head(wrong)}")
+        raise ValueError(f"{what}: state dict does not match the expected layout; " + "; ".join(parts))
+    full = dict(state)
+    for k in own:
+        if k not in full:  # an absent optional buffer (a counter): start it at zero
+            full[k] = torch.zeros(own[k].shape, dtype=own[k].dtype)
+    # assign=True adopts the file's tensors, so a module built on the meta device (no
+    # wasted random init of tens of millions of weights) comes out fully materialised.
+    module.load_state_dict(full, strict=True, assign=True)
