@@ -186,6 +186,51 @@ def test_all_stages_train_export_and_assemble_into_the_hybrid(compose, tiny_prog
                    f"+stage.module.stage_files.encoder={tmp_path}/elsewhere.pt"])
 
 
+def test_hybrid_real_image_term_trains_the_encoder_on_real_pixels(compose, tiny_progan_file, tmp_path):
+    """Optional real-image pixel L1: a deterministic, resumable, wrapping stream with held-out images."""
+    generator = load_generator(tiny_progan_file)
+    from seeing.reporting import torch_save_atomic
+
+    torch.manual_seed(0)
+    hybrid_file = torch_save_atomic(new_hybrid_encoder(generator, LAYERS).to_file_dict(), tmp_path / "h.pt")
+    base = tiny(tiny_progan_file) + [f"stage.module.hybrid_file={hybrid_file}", "stage.module.lr_decay=none"]
+    with pytest.raises(ValueError, match=r"real_source"):
+        _module(compose, "hybrid", base + ["stage.module.weights.real_pixel=1"])
+    with pytest.raises(ValueError, match="inside the training pool"):
+        _module(compose, "hybrid", base + ["+real@stage.module.real_source=scenes", "stage.module.real_pool=100",
+                                           "stage.module.real_val_offset=50"])
+
+    real = ["+real@stage.module.real_source=scenes", "stage.module.real_batch_size=8", "stage.module.real_val_size=8"]
+    _, module = _module(compose, "hybrid", base + real + ["stage.module.real_pool=12"])
+    source = module.real_images.source
+    take = lambda n, start: next(source.batches(n, n, 16, extra_offset=start)).images  # noqa: E731
+    # batch k is images [8k, 8k + 8) modulo the pool: step 1 wraps from image 8 to image 0
+    assert torch.equal(module.real_images.train_batch(0), take(8, 0))
+    assert torch.equal(module.real_images.train_batch(1), torch.cat([take(4, 8), take(4, 0)]))
+    assert torch.equal(module.real_images.train_batch(1), module.real_images.train_batch(1))
+    assert torch.equal(module.real_images.heldout(), take(8, 1_900_000))
+
+    # only the real term, on one fixed batch (pool = batch): its L1 falls as the encoder trains
+    _, module = _module(compose, "hybrid", base + real + [
+        "stage.module.real_pool=8", "stage.module.weights.real_pixel=1", "stage.module.weights.r_n=0",
+        "stage.module.weights.z=0", "stage.module.weights.regen=0", "stage.module.weights.pixel=0",
+        "stage.module.lr=2e-3"])
+    batch = module.real_images.train_batch(0)
+    module.eval()
+    with torch.no_grad():
+        before = module.real_pixel_l1(batch).item()
+        assert module.losses(generator.sample_z(8, seed=1))["loss"].item() == pytest.approx(before, rel=1e-6)
+    trainer = pl.Trainer(max_steps=30, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    z = generator.sample_z(8, seed=1)
+    trainer.fit(module, train_dataloaders=DataLoader([z] * 30, batch_size=None))
+    module.eval()
+    with torch.no_grad():
+        after = module.real_pixel_l1(batch).item()
+    assert after < 0.9 * before, (before, after)
+    assert "real_pixel_l1" in module.heldout_scores()
+
+
 def test_checkpoint_resume_continues_training_and_stream(compose, tiny_progan_file, tmp_path):
     base = tiny(tiny_progan_file) + ["stage=layer2", "callbacks.checkpoint.every_n_train_steps=3"]
     train(compose("train", base + ["stage.trainer.max_steps=3"]))
