@@ -96,6 +96,26 @@ def test_every_variant_runs_and_the_ablation_reports_them(compose, files, tmp_pa
     generated_f = next(r for r in table if r["targets"] == "generated")
     assert -1.0 <= float(generated_f["corr_z"]) <= 1.0
     assert (out / "ablation_real.png").is_file() and (out / "ablation.md").is_file()
+    # the paper's pairwise claims, checked on the real targets (generated has only f: no pair)
+    with open(out / "ablation_ordering.csv") as f:
+        ordering = list(csv.DictReader(f))
+    assert {r["claim"] for r in ordering} == {"f < d", "f < e", "e < a", "e < b", "e < c", "d < b", "d < a", "d < c"}
+    l1 = {r["variant"]: float(r["pixel_l1"]) for r in table if r["targets"] == "real"}
+    for r in ordering:
+        better, worse = r["claim"].split(" < ")
+        assert r["targets"] == "real" and (r["holds"] == "True") == (l1[better] < l1[worse])
+
+
+def test_ordering_checks_compare_pixel_error_per_target_kind():
+    from seeing.evaluation.ablation import ordering_checks
+
+    rows = [{"targets": "real", "variant": v, "pixel_l1": x} for v, x in zip("abcdef", [.3, .4, .2, .25, .1, .05])]
+    rows.append({"targets": "generated", "variant": "f", "pixel_l1": 0.01})
+    rows.append({"targets": "generated", "variant": "d", "pixel_l1": 0.001})
+    checks = {(c["targets"], c["claim"]): c["holds"] for c in ordering_checks(rows)}
+    assert checks[("real", "f < d")] and checks[("real", "d < a")] and checks[("real", "d < b")]
+    assert not checks[("real", "d < c")]  # 0.25 vs 0.2
+    assert checks[("generated", "f < d")] is False and len([k for k in checks if k[0] == "generated"]) == 1
 
 
 def test_reconstruction_report_runs_here_and_fails_clearly_without_encoder(compose, files, tmp_path, monkeypatch):

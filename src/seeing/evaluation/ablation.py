@@ -5,7 +5,8 @@ Reads every ``<runs_dir>/reconstruct_<kind>_<variant>/reconstruction.pt`` that e
 summarises each like ``metric=reconstruction`` does, and writes one table: a row per
 (targets, variant) with pixel (and perceptual) error, latent / layer correlations for
 generated targets, segmentation mIoU and missing classes per image. Also
-``ablation_missing.csv`` (each run's missing-class ranking) and ``ablation_<kind>.png``
+``ablation_missing.csv`` (each run's missing-class ranking), ``ablation_ordering.csv``
+(which of the paper's pairwise claims hold, by pixel L1) and ``ablation_<kind>.png``
 (targets next to every variant's reconstruction).
 """
 from __future__ import annotations
@@ -32,6 +33,27 @@ DESCRIPTIONS = {
 
 SHORT = {"a": "opt. z", "b": "direct enc.", "c": "direct + z", "d": "layer-wise enc.", "e": "layer-wise + z",
          "f": "layer-wise + deltas"}
+
+
+# The paper's ordering, as (better, worse) pairs of variants: the full method beats the encoder
+# alone and the encoder + z; each layer-wise variant beats every z-only variant of the same or
+# lesser effort; the layer-wise encoder alone beats the direct encoder alone.
+PAPER_ORDERING = [("f", "d"), ("f", "e"), ("e", "a"), ("e", "b"), ("e", "c"), ("d", "b"), ("d", "a"), ("d", "c")]
+
+
+def ordering_checks(rows: list[dict[str, Any]], measure: str = "pixel_l1") -> list[dict[str, Any]]:
+    """For each targets kind and each pair of :data:`PAPER_ORDERING` whose runs both exist:
+    does the better variant have the lower ``measure``?"""
+    checks = []
+    for kind in dict.fromkeys(r["targets"] for r in rows):
+        value = {r["variant"]: r.get(measure) for r in rows if r["targets"] == kind}
+        for better, worse in PAPER_ORDERING:
+            if value.get(better) is None or value.get(worse) is None:
+                continue
+            checks.append({"targets": kind, "claim": f"{better} < {worse}", "measure": measure,
+                           "better": value[better], "worse": value[worse],
+                           "holds": bool(value[better] < value[worse])})
+    return checks
 
 
 def comparison_figure(kind: str, results: dict[str, dict[str, Any]], path: Path, rows: int = 6) -> Path:
@@ -106,14 +128,21 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
                for kind, res in by_kind.items()}
     f_missing = [r for r in missing_rows if r["variant"] == "f" and r["targets"] == "real"]
     comparison = fsd_comparison(f_missing, m.get("fsd_report"), int(m.get("top_k", 5))) if f_missing else None
-    write_json(out_dir / "ablation.json", {"rows": rows, "missing": missing_rows, "fsd_comparison": comparison})
+    ordering = ordering_checks(rows)
+    write_csv(out_dir / "ablation_ordering.csv", ordering)
+    write_json(out_dir / "ablation.json", {"rows": rows, "missing": missing_rows, "fsd_comparison": comparison,
+                                           "ordering": ordering})
     wandb = WandbReport(cfg, job_type="ablation")
     try:
         wandb.log_table("ablation/table", rows)
         wandb.log_table("ablation/missing", missing_rows)
         for kind, fig in figures.items():
             wandb.log_image(f"ablation/{kind}", fig)
+        wandb.log_table("ablation/ordering", ordering)
     finally:
         wandb.finish()
     print((out_dir / "ablation.md").read_text())
+    for c in ordering:
+        print(f"{c['targets']:>9}  {c['claim']}  ({c['measure']} {c['better']:.4f} vs {c['worse']:.4f}): "
+              f"{'holds' if c['holds'] else 'DOES NOT HOLD'}")
     return rows
