@@ -170,6 +170,61 @@ def test_empty_source_through_evaluate_is_a_clear_error(compose, tmp_path, tiny_
         evaluate(cfg)
 
 
+class _KilledAfter:
+    """Wraps a source: the run dies (KeyboardInterrupt) after ``batches`` batches, like a killed job."""
+
+    def __init__(self, source, batches: int):
+        self.source, self.left = source, batches
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def batches(self, *args, **kwargs):
+        for batch in self.source.batches(*args, **kwargs):
+            if self.left == 0:
+                raise KeyboardInterrupt
+            self.left -= 1
+            yield batch
+
+
+def test_interrupted_tally_resumes_from_its_saved_progress(tmp_path):
+    from seeing.evaluation.fsd_report import cached_tally, load_partial, partial_file
+
+    # a folder with unreadable files in it: the skip count must survive the interruption too
+    root = _folder_with_bad_files(tmp_path / "imgs", good=9)
+    from seeing.segmenters.scenes import SceneSegmenterNet, ScenesSegmenter
+
+    torch.manual_seed(0)
+    segmenter = ScenesSegmenter(SceneSegmenterNet(len(CLASS_NAMES), (4, 8)), CLASS_NAMES).eval()
+    args = dict(segmenter=segmenter, num_classes=len(CLASS_NAMES), n=12, batch_size=4, resolution=32,
+                progress=False)
+    full = tally_source(ImageFolderSource(root, seed=1), **args)
+    assert len(full.tallies) == 9 and len(full.skipped) == 3
+
+    partial = tmp_path / "progress.partial.npz"
+    with pytest.raises(KeyboardInterrupt):
+        tally_source(_KilledAfter(ImageFolderSource(root, seed=1), 2), **args, partial=partial, checkpoint_every=4)
+    saved = load_partial(partial, len(CLASS_NAMES))
+    assert saved.position == 8 and len(saved.tallies) + len(saved.skipped) == 8
+    resumed = tally_source(ImageFolderSource(root, seed=1), **args, partial=partial, checkpoint_every=4)
+    assert resumed.stats.batches == 1  # only the last 4 items were read again
+    np.testing.assert_allclose(resumed.tallies, full.tallies, atol=1e-6)
+    assert sorted(resumed.skipped) == sorted(full.skipped)
+
+    # through the cache: progress lives next to the cache file and is removed once the tally is cached
+    common = dict(segmenter=None, segmenter_id={"oracle": True}, num_classes=len(CLASS_NAMES), n=20, batch_size=5,
+                  resolution=32, device="cpu", cache_dir=tmp_path / "cache", progress=False, checkpoint_every=5)
+    whole = tally_source(ScenesSource(seed=4), None, len(CLASS_NAMES), 20, 5, 32, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        cached_tally(_KilledAfter(ScenesSource(seed=4), 3), **common)
+    partials = list((tmp_path / "cache").rglob("*.partial.npz"))
+    assert len(partials) == 1 and load_partial(partials[0], len(CLASS_NAMES)).position == 15
+    done = cached_tally(ScenesSource(seed=4), **common)
+    assert done.stats.images == 5 and done.cache == "miss"
+    np.testing.assert_array_equal(done.tallies, whole.tallies)
+    assert not partials[0].exists() and partial_file(done.path) == partials[0] and done.path.is_file()
+
+
 def test_oracle_needs_a_source_with_labels(tmp_path):
     folder = ImageFolderSource(_folder_with_bad_files(tmp_path / "f", good=2))
     with pytest.raises(ValueError, match="oracle segmentation needs ground-truth labels"):

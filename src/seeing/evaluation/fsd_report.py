@@ -3,7 +3,7 @@
 Both sources (``real=``, ``fake=``) are segmented and summarised as per-image class
 tallies; the tallies are cached (keyed by source, segmenter, N, seed, resolution), so
 re-running a report, or comparing a new generator against the same real set, only
-segments what is new. Outputs in the run directory:
+segments what is new; an interrupted tally resumes from its last saved progress. Outputs in the run directory:
 
 - ``fsd.json``: FSD, its mean and covariance terms, the real-vs-real baseline, the
   ranked most-dropped and most over-generated classes, the full per-class table;
@@ -73,11 +73,16 @@ def tally_source(
     extra_offset: int = 0,
     description: str | None = None,
     progress: bool = True,
+    partial: Path | None = None,
+    checkpoint_every: int = 500,
 ) -> Tally:
     """Segment ``n`` images of ``source`` and return their class tallies.
 
     ``segmenter=None`` uses the source's ground-truth label maps (the oracle segmentation
-    of the scenes world). Unreadable images are skipped and counted, never fatal.
+    of the scenes world). Unreadable images are skipped and counted, never fatal. With
+    ``partial``, the tallies so far are saved there (atomically) every ``checkpoint_every``
+    images, and a tally that finds that file continues after the images it holds: an
+    interrupted 10,000-image tally resumes instead of starting over.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -87,13 +92,20 @@ def tally_source(
             f"oracle segmentation needs ground-truth labels, and source {source.describe()!r} has none; "
             "use a segmenter (metric.oracle=false)"
         )
-    stats, rows, skipped = TallyStats(), [], []
+    resumed = load_partial(partial, num_classes) if partial is not None else None
+    # position: how many of the n source items are done (tallied or skipped)
+    rows, skipped, position = ([resumed.tallies], list(resumed.skipped), resumed.position) if resumed else ([], [], 0)
+    if resumed:
+        log.info("%s: resuming after %d of %d images from %s", description or source.describe(), position, n, partial)
+    stats, since_save = TallyStats(), 0
     skipped_before = len(source.skipped)
     start = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task(description or f"tally {source.describe()}", total=n)
-        for batch in source.batches(n, batch_size, resolution, extra_offset=extra_offset, device=device):
+        task = bar.add_task(description or f"tally {source.describe()}", total=n, completed=position)
+        batches = (source.batches(n - position, batch_size, resolution, extra_offset=extra_offset + position,
+                                  device=device) if position < n else ())
+        for batch in batches:
             if len(batch.images):
                 if segmenter is None:
                     labels = batch.labels
@@ -103,21 +115,27 @@ def tally_source(
                     labels = segmenter.segment(batch.images)
                     _sync(device)
                     stats.forward_s += time.perf_counter() - t0
-                rows.append(class_tally(labels, num_classes).cpu())
+                rows.append(class_tally(labels, num_classes).cpu().numpy().astype(np.float64))
                 stats.images += len(batch.images)
             stats.batches += 1
+            position += len(batch.images) + len(batch.skipped)
+            skipped.extend(batch.skipped)
+            since_save += len(batch.images) + len(batch.skipped)
             bar.advance(task, len(batch.images) + len(batch.skipped))
+            if partial is not None and since_save >= checkpoint_every and position < n:
+                save_partial(partial, np.concatenate(rows), skipped, position)
+                since_save = 0
     stats.total_s = time.perf_counter() - start
-    skipped = source.skipped[skipped_before:]
-    if skipped:
-        log.warning("%s: %d of %d images could not be read and were skipped", source.describe(), len(skipped),
-                    stats.images + len(skipped))
-    if stats.images == 0:
+    tallies = np.concatenate(rows) if rows else np.zeros((0, num_classes))
+    if len(source.skipped) > skipped_before:
+        log.warning("%s: %d of %d images could not be read and were skipped", source.describe(),
+                    len(source.skipped) - skipped_before, stats.images + len(source.skipped) - skipped_before)
+    if len(tallies) == 0:
         raise EmptySourceError(
             f"source {source.describe()!r} gave no readable images"
             + (f" ({len(skipped)} unreadable, first: {skipped[0][0]}: {skipped[0][1]})" if skipped else "")
         )
-    return Tally(torch.cat(rows).numpy().astype(np.float64), list(skipped), stats=stats)
+    return Tally(tallies, skipped, stats=stats)
 
 
 # ------------------------------------------------------------------------------ cache
@@ -161,11 +179,47 @@ def load_cached(path: Path, num_classes: int) -> Tally | None:
     return Tally(tallies.astype(np.float64), skipped, cache="hit", path=path)
 
 
-def save_cached(path: Path, tally: Tally) -> None:
+def _write_npz(path: Path, tallies: np.ndarray, skipped: Sequence[tuple[str, str]], **extra: Any) -> None:
     buf = io.BytesIO()
-    skipped = np.array(["\t".join(s) for s in tally.skipped], dtype=str)
-    np.savez(buf, tallies=tally.tallies, skipped=skipped)
-    write_bytes_atomic(path, buf.getvalue())  # a killed run never leaves half a cache file
+    np.savez(buf, tallies=tallies, skipped=np.array(["\t".join(s) for s in skipped], dtype=str), **extra)
+    write_bytes_atomic(path, buf.getvalue())  # a killed run never leaves half a file
+
+
+def save_cached(path: Path, tally: Tally) -> None:
+    _write_npz(path, tally.tallies, tally.skipped)
+
+
+@dataclass
+class PartialTally:
+    tallies: np.ndarray
+    skipped: list[tuple[str, str]]
+    position: int  # source items done (tallied or skipped)
+
+
+def partial_file(path: Path) -> Path:
+    """Where an unfinished tally keeps its progress, next to the cache file it will become."""
+    return path.with_name(path.stem + ".partial.npz")
+
+
+def save_partial(path: Path, tallies: np.ndarray, skipped: Sequence[tuple[str, str]], position: int) -> None:
+    _write_npz(path, tallies, skipped, position=np.array(position))
+
+
+def load_partial(path: Path, num_classes: int) -> PartialTally | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            tallies, position = f["tallies"].astype(np.float64), int(f["position"])
+            skipped = [tuple(s.split("\t", 1)) for s in f["skipped"].tolist()]
+    except Exception as e:  # a damaged progress file is ignored: the tally starts over
+        log.warning("ignoring unreadable partial tally %s (%s)", path, e)
+        return None
+    if tallies.ndim != 2 or tallies.shape[1] != num_classes or len(tallies) + len(skipped) != position:
+        log.warning("ignoring partial tally %s: %s tallies, %d skipped, position %d", path, tallies.shape,
+                    len(skipped), position)
+        return None
+    return PartialTally(tallies, skipped, position)
 
 
 def cached_tally(
@@ -181,6 +235,7 @@ def cached_tally(
     extra_offset: int = 0,
     description: str | None = None,
     progress: bool = True,
+    checkpoint_every: int = 500,
 ) -> Tally:
     path = cache_file(cache_dir, source, segmenter_id, n, resolution, extra_offset) if cache_dir else None
     if path is not None:
@@ -188,10 +243,12 @@ def cached_tally(
         if hit is not None:
             log.info("%s: read %d cached tallies from %s", description or source.describe(), len(hit.tallies), path)
             return hit
+    partial = partial_file(path) if path is not None else None
     tally = tally_source(source, segmenter, num_classes, n, batch_size, resolution, device, extra_offset,
-                         description, progress)
+                         description, progress, partial=partial, checkpoint_every=checkpoint_every)
     if path is not None:
         save_cached(path, tally)
+        partial.unlink(missing_ok=True)
         tally.cache, tally.path = "miss", path
         log.info("%s: tallied %d images, cached in %s", description or source.describe(), len(tally.tallies), path)
     return tally
@@ -314,6 +371,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         device=device,
         cache_dir=cfg.paths.cache_dir if m.get("cache", True) else None,
         progress=bool(m.get("progress", True)),
+        checkpoint_every=int(m.get("checkpoint_every", 500)),
     )
     real_tally = cached_tally(real, description=f"real: {real.describe()}", **common)
     fake_tally = cached_tally(fake, description=f"fake: {fake.describe()}", **common)
