@@ -231,6 +231,27 @@ def test_hybrid_real_image_term_trains_the_encoder_on_real_pixels(compose, tiny_
     assert "real_pixel_l1" in module.heldout_scores()
 
 
+def test_half_export_records_the_scores_of_the_half_file(compose, tiny_progan_file, tmp_path):
+    """export_half rounds before scoring: rescoring the exported float16 file gives its recorded scores."""
+    from seeing.reporting import torch_save_atomic
+
+    generator = load_generator(tiny_progan_file)
+    torch.manual_seed(0)
+    start = torch_save_atomic(new_hybrid_encoder(generator, LAYERS).to_file_dict(), tmp_path / "start.pt")
+    cfg = compose("train", ["stage=hybrid", *tiny(tiny_progan_file), f"stage.module.hybrid_file={start}",
+                            "stage.module.export_half=true", "stage.module.val_size=32"])
+    train(cfg)
+    exported = Path(cfg.output_dir) / "hybrid.pt"
+    obj = read_inversion_file(exported, "hybrid")
+    assert all(v.dtype == torch.float16 for v in obj["encoder"]["state_dict"].values() if v.is_floating_point())
+    meta = obj["meta"]
+    assert meta["started_from"]["file"] == str(start) and meta["steps"] == 4
+    _, rescored = _module(compose, "hybrid", tiny(tiny_progan_file) + [f"stage.module.hybrid_file={exported}",
+                                                                        "stage.module.val_size=32"])
+    for k, v in rescored.heldout_scores().items():
+        assert v == pytest.approx(meta["heldout"][k], rel=1e-6, abs=1e-7), k
+
+
 def test_checkpoint_resume_continues_training_and_stream(compose, tiny_progan_file, tmp_path):
     base = tiny(tiny_progan_file) + ["stage=layer2", "callbacks.checkpoint.every_n_train_steps=3"]
     train(compose("train", base + ["stage.trainer.max_steps=3"]))

@@ -303,6 +303,15 @@ class InversionStage(pl.LightningModule):
             "command": " ".join(["python", *sys.argv]),
         }
 
+    @torch.no_grad()
+    def round_to_export_precision(self) -> None:
+        """With ``export_half``, round the trained weights to float16 values before scoring,
+        so that the held-out scores written into the file are the scores of the file."""
+        if self.hparams.export_half:
+            for t in [*self.trained_modules().parameters(), *self.trained_modules().buffers()]:
+                if t.is_floating_point():
+                    t.copy_(t.half().to(t.dtype))
+
     def write_scores(self, output_dir: Path, scores: Mapping[str, float]) -> None:
         write_json(output_dir / "heldout.json", self.export_meta(scores))
         for lg in self.loggers:  # the final held-out scores next to the training curves (W&B, CSV)
@@ -368,6 +377,7 @@ class LayerInverterStage(InversionStage):
 
     def export(self, output_dir: str | Path) -> Path:
         output_dir = Path(output_dir)
+        self.round_to_export_precision()
         scores = self.heldout_scores()
         self.write_scores(output_dir, scores)
         return save_inversion_file(output_dir / f"{self.stage_name}.pt", "inverter",
@@ -408,6 +418,7 @@ class ImageEncoderStage(InversionStage):
 
     def export(self, output_dir: str | Path) -> Path:
         output_dir = Path(output_dir)
+        self.round_to_export_precision()
         scores = self.heldout_scores()
         self.write_scores(output_dir, scores)
         return save_inversion_file(output_dir / f"{self.stage_name}.pt", "encoder", encoder=self.encoder,
@@ -450,8 +461,11 @@ class HybridStage(InversionStage):
         if self.weights["real_pixel"] > 0 and self.real_images is None:
             raise ValueError("weights.real_pixel > 0 needs real images: set stage.module.real_source, e.g. "
                              "`+real@stage.module.real_source=scenes`")
+        self.started_from: dict[str, Any] | None = None
         if hybrid_file:
             self.encoder = load_hybrid_encoder(hybrid_file, generator).train()
+            self.started_from = {"file": str(hybrid_file), **{k: v for k, v in self.encoder.meta.items()
+                                                               if k in ("steps", "command", "started_from")}}
             if self.encoder.layers != self.inversion_layers:
                 raise ValueError(f"{hybrid_file} inverts {self.encoder.layers}, the model config says "
                                  f"{self.inversion_layers}")
@@ -519,8 +533,12 @@ class HybridStage(InversionStage):
 
     def export(self, output_dir: str | Path) -> Path:
         output_dir = Path(output_dir)
+        self.round_to_export_precision()
         scores = self.heldout_scores()
         self.write_scores(output_dir, scores)
-        self.encoder.meta = self.export_meta(scores)
+        meta = self.export_meta(scores)
+        if self.started_from:  # fine-tuned from an earlier hybrid file: keep how that one was made
+            meta["started_from"] = self.started_from
+        self.encoder.meta = meta
         return torch_save_atomic(self.encoder.to_file_dict(half=self.hparams.export_half),
                                  output_dir / f"{self.stage_name}.pt")

@@ -129,6 +129,7 @@ class DirectEncoderStage(InversionStage):
 
     def export(self, output_dir: str | Path) -> Path:
         output_dir = Path(output_dir)
+        self.round_to_export_precision()
         scores = self.heldout_scores()
         self.write_scores(output_dir, scores)
         return torch_save_atomic(self.encoder.to_file_dict(self.export_meta(scores), self.hparams.export_half),
