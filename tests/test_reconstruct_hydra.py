@@ -103,19 +103,32 @@ def test_every_variant_runs_and_the_ablation_reports_them(compose, files, tmp_pa
     l1 = {r["variant"]: float(r["pixel_l1"]) for r in table if r["targets"] == "real"}
     for r in ordering:
         better, worse = r["claim"].split(" < ")
-        assert r["targets"] == "real" and (r["holds"] == "True") == (l1[better] < l1[worse])
+        assert r["targets"] == "real" and int(r["images"]) == 3
+        assert float(r["better"]) == pytest.approx(l1[better]) and float(r["worse"]) == pytest.approx(l1[worse])
+        assert (r["holds"] == "True") == (l1[better] < l1[worse])
 
 
-def test_ordering_checks_compare_pixel_error_per_target_kind():
+def test_ordering_checks_pair_images_by_id_and_bound_the_difference():
     from seeing.evaluation.ablation import ordering_checks
 
-    rows = [{"targets": "real", "variant": v, "pixel_l1": x} for v, x in zip("abcdef", [.3, .4, .2, .25, .1, .05])]
-    rows.append({"targets": "generated", "variant": "f", "pixel_l1": 0.01})
-    rows.append({"targets": "generated", "variant": "d", "pixel_l1": 0.001})
-    checks = {(c["targets"], c["claim"]): c["holds"] for c in ordering_checks(rows)}
-    assert checks[("real", "f < d")] and checks[("real", "d < a")] and checks[("real", "d < b")]
-    assert not checks[("real", "d < c")]  # 0.25 vs 0.2
-    assert checks[("generated", "f < d")] is False and len([k for k in checks if k[0] == "generated"]) == 1
+    g = torch.Generator().manual_seed(0)
+    ids = torch.arange(100, 140)
+    base = torch.rand(40, generator=g) * 0.1 + 0.1
+    errors = {("real", "a"): (ids, base + 0.05),  # f, d better than a on every image
+              ("real", "d"): (ids.flip(0), (base - 0.02).flip(0)),  # same images, other order
+              ("real", "f"): (ids, base - 0.05),
+              ("real", "c"): (ids, base - 0.02 + torch.randn(40, generator=g) * 0.05),  # d vs c: noise only
+              ("generated", "f"): (ids, base)}
+    checks = {(c["targets"], c["claim"]): c for c in ordering_checks(errors)}
+    assert set(checks) == {("real", "f < d"), ("real", "d < a"), ("real", "d < c")}  # pairs whose runs exist
+    d_a = checks[("real", "d < a")]
+    assert d_a["holds"] and d_a["beyond_noise"] and d_a["better_wins"] == 1.0 and d_a["images"] == 40
+    assert d_a["diff_ci_low"] == pytest.approx(0.07, abs=1e-6) and d_a["diff_ci_high"] == pytest.approx(0.07, abs=1e-6)
+    assert checks[("real", "f < d")]["beyond_noise"]
+    d_c = checks[("real", "d < c")]
+    assert d_c["diff_ci_low"] < 0 < d_c["diff_ci_high"] and not d_c["beyond_noise"]
+    # disjoint target sets: nothing to compare
+    assert ordering_checks({("real", "d"): (ids, base), ("real", "b"): (ids + 1000, base)}) == []
 
 
 def test_reconstruction_report_runs_here_and_fails_clearly_without_encoder(compose, files, tmp_path, monkeypatch):
