@@ -405,6 +405,14 @@ def test_shipped_hybrid_inverts_the_shipped_generator():
     corr_r4, corr_z = MeanCorrelation(), MeanCorrelation()
     corr_r4.update(est["layer4"], r4)
     corr_z.update(est["z"], z)
-    # shipped scores on 256 held-out latents: 0.932, 0.545, pixel MSE 0.041 (chance: 0.645, 0.009)
+    # shipped scores on 256 held-out latents: 0.931, 0.551, pixel MSE 0.033 (chance: 0.645, 0.009)
     assert corr_r4.compute() > 0.9 and corr_z.compute() > 0.45
-    assert (recon - images).pow(2).mean() < 0.06
+    assert (recon - images).pow(2).mean() < 0.045
+    # fine-tuned on real scenes too: held-out real scenes (the ablation's) come back at pixel L1 0.154
+    # (0.186 before that fine-tuning)
+    from seeing.data.scenes import ScenesDataset
+
+    scenes = ScenesDataset(16, 64, 0, offset=2_000_000)
+    real = torch.stack([scenes[i][0] for i in range(16)])
+    with torch.no_grad():
+        assert (encoder.generate(generator, encoder(real)) - real).abs().mean() < 0.17
