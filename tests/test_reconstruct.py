@@ -143,12 +143,45 @@ def test_resume_continues_exactly_where_it_stopped(world, tmp_path):
         quiet_trainer().fit(other, ckpt_path=str(ckpt_dir / "last.ckpt"))
 
 
-def test_non_finite_loss_is_detected(world):
+def test_a_diverging_image_is_stopped_counted_and_loses_nothing(world, caplog):
+    """Image 2's loss is non-finite: it keeps its last finite corrections, the others go on as if it were absent."""
     g, _, x, z0 = world
     bad = x.clone()
     bad[2, 0, 0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"images \[2\]"):
-        quiet_trainer().fit(make(world, images=bad, steps=3))
+    with_bad = make(world, images=bad, steps=6, batch_size=4)
+    quiet_trainer().fit(with_bad)
+    r = with_bad.result()
+    assert r["diverged"].tolist() == [i == 2 for i in range(8)] and r["steps_done"] == 6
+    assert "images [2]" in caplog.text
+    assert torch.isnan(r["loss_curves"][2]).all() and torch.isfinite(r["loss_curves"][[0, 1, 3]]).all()
+    for p in ["layer1", "layer2", "layer3"]:  # never moved: diverged at its first step
+        assert torch.equal(with_bad.deltas[0][p][2], torch.zeros_like(with_bad.deltas[0][p][2])), p
+    keep = [0, 1, 3, 4, 5, 6, 7]
+    without = make(world, images=x[keep], z0=z0[keep], steps=6, batch_size=4)
+    quiet_trainer().fit(without)
+    # its chunk-mates (0, 1, 3) and the other chunk reach what they reach without it
+    assert torch.allclose(r["final"][keep], without.result()["final"], atol=1e-4)
+    assert torch.allclose(r["loss_curves"][keep], without.result()["loss_curves"], atol=1e-5)
+
+    # diverging mid-run (the target turns bad before step 3): back to the corrections that last gave a finite
+    # loss, those after two updates, and the loss curve keeps its first three values
+    class SpoilTarget(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == 3:
+                module.targets[2, 0, 0, 0] = float("nan")
+
+    late = make(world, steps=6, batch_size=8, milestones=[])
+    quiet_trainer(callbacks=[SpoilTarget()]).fit(late)
+    two = make(world, steps=2, batch_size=8, milestones=[])
+    quiet_trainer().fit(two)
+    for p in ["layer1", "layer2", "layer3"]:
+        assert torch.allclose(late.deltas[0][p][2], two.deltas[0][p][2], atol=1e-6), p
+        assert not torch.allclose(late.deltas[0][p][3], two.deltas[0][p][3], atol=1e-4), p  # others went on
+    assert torch.isfinite(late.loss_curves[2, :3]).all() and torch.isnan(late.loss_curves[2, 3:]).all()
+
+    # when every image diverges there is nothing left to do: a clear error
+    with pytest.raises(FloatingPointError, match="no image is left"):
+        quiet_trainer().fit(make(world, images=torch.full_like(x, float("nan")), steps=3))
 
 
 def test_random_and_mean_starts_are_per_image_and_batch_free(world):

@@ -156,5 +156,5 @@ def test_reconstruction_report_runs_here_and_fails_clearly_without_encoder(compo
     for name in ["reconstruction.json", "missing_classes.csv", "missing_classes.md", "iou_per_class.csv",
                  "missing.png", "loss_curves.png", "run/reconstruction.pt", "run/per_image.csv"]:
         assert (out / name).is_file(), name
-    assert report["images"] == 3 and report["variant"] == "f" and report["steps"] == 4
+    assert report["images"] == 3 and report["variant"] == "f" and report["steps"] == 4 and report["diverged"] == 0
     assert report["pixel_l1_final"] <= report["pixel_l1_initial"] + 1e-6

@@ -73,6 +73,8 @@ def summarize(result: Mapping[str, Any], segmenter: Any, min_fraction: float = 0
         "miou_initial": float(iou_initial[present].nanmean()) if present else float("nan"),
         "miou_final": float(ious[present].nanmean()) if present else float("nan"),
         "missing_per_image": float(stats["missing"].sum()) / max(1, int(result["targets"].shape[0])),
+        # images whose loss turned non-finite: they kept their last finite corrections
+        "diverged": int(result["diverged"].sum()) if "diverged" in result else 0,
     }
     if perceptual == "vgg":
         metrics.update(perceptual_errors(result, vgg_path))

@@ -31,6 +31,7 @@ files), and a checkpoint made for other targets is refused.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -45,6 +46,8 @@ from seeing.inversion.values import feature_tensor, with_feature
 from seeing.reporting import load_format_file, torch_save_atomic
 
 from .losses import ReconstructionLoss
+
+log = logging.getLogger(__name__)
 
 RESULT_FILE = "reconstruction.pt"
 RESULT_FORMAT = "seeing.reconstruct/v1"
@@ -170,6 +173,9 @@ class Reconstructor(pl.LightningModule):
         self.register_buffer("targets", targets.detach().float().clone())
         self.register_buffer("init_latents", init_latents.detach().float().clone())
         self.register_buffer("loss_curves", torch.full((n, self.steps), float("nan")))
+        # images whose loss turned non-finite: they keep their last finite corrections (and are counted)
+        self.register_buffer("diverged", torch.zeros(n, dtype=torch.bool))
+        self._last_good: dict[int, dict[str, torch.Tensor]] = {}
         shapes = feature_shapes(generator, self.init_latents, self.positions, latent_name)
         self.chunks = [(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]
         self.deltas = nn.ModuleList(
@@ -236,21 +242,47 @@ class Reconstructor(pl.LightningModule):
         image, _ = render(self.generator, self.init_latents[s:e], deltas, latent_name=self.latent_name)
         terms = self.loss.terms(image, self.targets[s:e], deltas)
         per_image = terms["loss"]
-        if not torch.isfinite(per_image).all():
-            bad = (s + torch.nonzero(~torch.isfinite(per_image)).flatten()).tolist()
-            raise FloatingPointError(f"non-finite reconstruction loss at step {step} for images {bad}")
+        was_stopped = self.diverged[s:e].clone()
+        newly = ~torch.isfinite(per_image.detach()) & ~was_stopped
+        stopped = was_stopped | newly
+        if newly.any():
+            ids = (s + torch.nonzero(newly).flatten()).tolist()
+            log.warning("non-finite reconstruction loss at step %d for images %s: keeping their last finite "
+                        "corrections and optimising them no further", step, ids)
+            if bool(stopped.all()) and bool(self.diverged[:s].all()) and bool(self.diverged[e:].all()):
+                raise FloatingPointError(f"non-finite reconstruction loss at step {step} for images {ids}, "
+                                         f"and no image is left to optimise")
+        live_loss = torch.where(stopped, torch.zeros_like(per_image), per_image)
         opts[c].zero_grad(set_to_none=True)
-        self.manual_backward(per_image.sum())  # SUM of per-image means: images stay independent
+        self.manual_backward(live_loss.sum())  # SUM of per-image means: images stay independent
+        # these corrections just gave a finite loss; a newly diverged image goes back to its last good ones
+        kept = {p: d.detach().clone() for p, d in deltas.items()}
+        if stopped.any():
+            last = self._last_good.get(c)
+            for p, d in deltas.items():
+                if newly.any():
+                    kept[p][newly] = last[p][newly] if last is not None else 0.0
+                if d.grad is not None:
+                    d.grad[stopped] = 0.0
         opts[c].step()
         scheds[c].step()
-        self.loss_curves[s:e, step] = per_image.detach().float()
-        self.log("train/loss", per_image.mean(), prog_bar=True)
-        self.log("train/pixel", terms["pixel"].mean())
-        if "perceptual" in terms:
-            self.log("train/perceptual", terms["perceptual"].mean())
+        if stopped.any():
+            with torch.no_grad():  # Adam's momentum would still move them
+                for p, d in deltas.items():
+                    d[stopped] = kept[p][stopped]
+        self._last_good[c] = kept
+        self.diverged[s:e] = stopped
+        self.loss_curves[s:e, step] = torch.where(stopped, torch.full_like(per_image, float("nan")),
+                                                  per_image).detach().float()
+        live = ~stopped
+        if live.any():
+            self.log("train/loss", per_image.detach()[live].mean(), prog_bar=True)
+            self.log("train/pixel", terms["pixel"].detach()[live].mean())
+            if "perceptual" in terms:
+                self.log("train/perceptual", terms["perceptual"].detach()[live].mean())
         if k + 1 >= self.total_steps:
             self.trainer.should_stop = True
-        return per_image.sum().detach()
+        return live_loss.sum().detach()
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -260,6 +292,7 @@ class Reconstructor(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
+        state.setdefault("diverged", torch.zeros_like(self.diverged))  # checkpoints from before it was kept
         own = {k: v for k, v in self.state_dict().items() if not k.startswith(_FROZEN_PREFIXES)}
         missing = [k for k in own if k not in state]
         wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -267,7 +300,7 @@ class Reconstructor(pl.LightningModule):
             raise ValueError(f"checkpoint does not fit this reconstruction: missing {missing[:4]}, "
                              f"shape mismatch {wrong[:4]} (other targets, variant or steps?)")
         for key in ("targets", "init_latents"):
-            if not torch.allclose(state[key].to(own[key]), own[key], atol=1e-5):
+            if not torch.allclose(state[key].to(own[key]), own[key], atol=1e-5, equal_nan=True):
                 raise ValueError(f"checkpoint was made for other {key.replace('_', ' ')}: refusing to resume "
                                  "(delete the run's checkpoints/ to start over)")
 
@@ -304,6 +337,7 @@ class Reconstructor(pl.LightningModule):
             "recovered_features": {p: torch.cat(v) for p, v in features.items()},
             "steps": self.steps,
             "steps_done": int(self.global_step) // max(1, len(self.chunks)),
+            "diverged": self.diverged.cpu().clone(),
             "meta": dict(self.meta),
         }
         for k, v in self.extras.items():
