@@ -99,6 +99,7 @@ def test_every_variant_runs_and_the_ablation_reports_them(compose, files, tmp_pa
     # the paper's pairwise claims, checked on the real targets (generated has only f: no pair)
     with open(out / "ablation_ordering.csv") as f:
         ordering = list(csv.DictReader(f))
+    assert (out / "ablation_ordering.md").read_text().count("\n") == len(ordering) + 2
     assert {r["claim"] for r in ordering} == {"f < d", "f < e", "e < a", "e < b", "e < c", "d < b", "d < a", "d < c"}
     l1 = {r["variant"]: float(r["pixel_l1"]) for r in table if r["targets"] == "real"}
     for r in ordering:

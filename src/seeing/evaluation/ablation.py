@@ -5,9 +5,9 @@ Reads every ``<runs_dir>/reconstruct_<kind>_<variant>/reconstruction.pt`` that e
 summarises each like ``metric=reconstruction`` does, and writes one table: a row per
 (targets, variant) with pixel (and perceptual) error, latent / layer correlations for
 generated targets, segmentation mIoU and missing classes per image. Also
-``ablation_missing.csv`` (each run's missing-class ranking), ``ablation_ordering.csv``
-(which of the paper's pairwise claims hold, by per-image pixel L1, with a paired bootstrap interval) and ``ablation_<kind>.png``
-(targets next to every variant's reconstruction).
+``ablation_missing.csv`` (each run's missing-class ranking), ``ablation_ordering.{csv,md}``
+(which of the paper's pairwise claims hold, by per-image pixel L1, with a paired bootstrap
+interval) and ``ablation_<kind>.png`` (targets next to every variant's reconstruction).
 """
 from __future__ import annotations
 
@@ -151,6 +151,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     comparison = fsd_comparison(f_missing, m.get("fsd_report"), int(m.get("top_k", 5))) if f_missing else None
     ordering = ordering_checks(errors)
     write_csv(out_dir / "ablation_ordering.csv", ordering)
+    if ordering:
+        write_markdown_table(out_dir / "ablation_ordering.md", ordering)
     write_json(out_dir / "ablation.json", {"rows": rows, "missing": missing_rows, "fsd_comparison": comparison,
                                            "ordering": ordering})
     wandb = WandbReport(cfg, job_type="ablation")
