@@ -1,0 +1,179 @@
+"""``stage=hybrid``: the hybrid encoder E = e_1 o ... o e_n o E_f, assembled from the layer and
+encoder stage files (or an earlier hybrid file) and fine-tuned end to end, optionally on real
+images as well (:class:`RealImageStream`)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seeing.gans.layered import LATENT, LayeredGenerator
+from seeing.reporting import torch_save_atomic
+
+from .correlation import correlation_error
+from .hybrid import assemble_hybrid_encoder, load_hybrid_encoder
+from .stages import InversionStage
+from .values import feature_tensor
+
+
+class RealImageStream:
+    """Training batches and a held-out set of real images from an image-source config."""
+
+    def __init__(self, source: Any, batch_size: int, resolution: int, pool: int | None,
+                 val_size: int, val_offset: int):
+        from seeing.data.sources import ImageSource, instantiate_unwrapped
+
+        # Hydra instantiates a nested source config before the stage; a plain mapping also works
+        self.source = source if isinstance(source, ImageSource) else instantiate_unwrapped(dict(source))
+        self.batch_size, self.resolution = int(batch_size), int(resolution)
+        self.pool = int(pool) if pool else None
+        self.val_size, self.val_offset = int(val_size), int(val_offset)
+        if self.pool is not None and self.val_offset < self.pool:
+            raise ValueError(f"real_val_offset {self.val_offset} lies inside the training pool of {self.pool} "
+                             f"images: held-out images would be trained on")
+        self._heldout: torch.Tensor | None = None
+
+    def _take(self, n: int, start: int) -> torch.Tensor:
+        images = torch.cat([b.images for b in self.source.batches(n, n, self.resolution, extra_offset=start)])
+        if images.shape[0] == 0:
+            raise ValueError(f"{self.source.describe()}: no readable images from position {start}")
+        return images
+
+    def train_batch(self, step: int) -> torch.Tensor:
+        start = int(step) * self.batch_size
+        if self.pool is not None:
+            start %= self.pool
+            if start + self.batch_size > self.pool:  # wrap around the end of a finite source
+                return torch.cat([self._take(self.pool - start, start),
+                                  self._take(start + self.batch_size - self.pool, 0)])
+        elif start + self.batch_size > self.val_offset:
+            raise ValueError(f"real image stream reached the held-out images at {self.val_offset}: "
+                             f"set real_pool or a larger real_val_offset")
+        return self._take(self.batch_size, start)
+
+    def heldout(self) -> torch.Tensor:
+        if self._heldout is None:
+            self._heldout = self._take(self.val_size, self.val_offset)
+        return self._heldout
+
+
+class HybridStage(InversionStage):
+    """``stage=hybrid``: assembles E from the layer and encoder stage files and fine-tunes it.
+
+    Loss: ``weights.r_n`` x corr. error of the estimated r_n, ``weights.z`` x corr. error of
+    the recovered latent, ``weights.regen`` x corr. error of r_n regenerated from the
+    recovered latent, ``weights.pixel`` x pixel MSE of G(E(G(z))) against G(z), and
+    ``weights.real_pixel`` x pixel L1 of G(E(x)) against real images x drawn from
+    ``real_source`` (an image-source config, e.g. the scenes world; off by default, as in
+    the paper, which trains on generated images only). Real batch k is images
+    ``[k * real_batch_size, ...)`` of the source (modulo ``real_pool`` when set, for finite
+    sources), so a resumed run continues the stream; ``real_val_size`` images starting at
+    ``real_val_offset`` are held out and scored as ``real_pixel_l1``.
+    Stage files come from ``<run_root>/<model_name>/<stage>/<stage>.pt`` unless
+    ``stage_files`` names them (``{"layer3": path, "encoder": path}``); ``hybrid_file``
+    starts instead from an existing hybrid encoder (to fine-tune it further, or to score
+    it on the held-out latents with :meth:`heldout_scores`).
+    """
+
+    DEFAULT_WEIGHTS = {"r_n": 1.0, "z": 1.0, "regen": 1.0, "pixel": 1.0, "real_pixel": 0.0}
+
+    def __init__(self, generator: LayeredGenerator, inversion_layers: Sequence[str], model_name: str,
+                 run_root: str | Path, stage_name: str = "hybrid", stage_files: Mapping[str, str] | None = None,
+                 weights: Mapping[str, float] | None = None, hybrid_file: str | Path | None = None,
+                 real_source: Any = None, real_batch_size: int = 32,
+                 real_pool: int | None = None, real_val_size: int = 64, real_val_offset: int = 1_900_000,
+                 **kwargs):
+        super().__init__(generator, inversion_layers, stage_name, model_name=model_name, **kwargs)
+        unknown = set(weights or {}) - set(self.DEFAULT_WEIGHTS)
+        if unknown:
+            raise ValueError(f"unknown hybrid loss weights {sorted(unknown)}; known: {sorted(self.DEFAULT_WEIGHTS)}")
+        self.weights = {**self.DEFAULT_WEIGHTS, **dict(weights or {})}
+        self.real_images = RealImageStream(real_source, real_batch_size, generator.resolution, real_pool,
+                                           real_val_size, real_val_offset) if real_source else None
+        if self.weights["real_pixel"] > 0 and self.real_images is None:
+            raise ValueError("weights.real_pixel > 0 needs real images: set stage.module.real_source, e.g. "
+                             "`+real@stage.module.real_source=scenes`")
+        self.started_from: dict[str, Any] | None = None
+        if hybrid_file:
+            self.encoder = load_hybrid_encoder(hybrid_file, generator).train()
+            self.started_from = {"file": str(hybrid_file), **{k: v for k, v in self.encoder.meta.items()
+                                                               if k in ("steps", "command", "started_from")}}
+            if self.encoder.layers != self.inversion_layers:
+                raise ValueError(f"{hybrid_file} inverts {self.encoder.layers}, the model config says "
+                                 f"{self.inversion_layers}")
+        else:
+            self.encoder = assemble_hybrid_encoder(generator, self.inversion_layers, run_root, model_name,
+                                                   dict(stage_files or {}))
+        self.target = self.inversion_layers[-1]
+
+    def trained_modules(self) -> nn.Module:
+        return self.encoder
+
+    def _pass(self, z: torch.Tensor):
+        names = [self.latent_name, *self.inversion_layers]
+        feats = self.features(z, names)
+        with torch.no_grad():
+            images = self.generator.run(feats[self.target], start=self.target)
+        est = self.encoder.invert(images)
+        regen = self.encoder.generate(self.generator, est[LATENT], stop=self.target)
+        recon = self.generator.run(regen, start=self.target)
+        return feats, images, est, regen, recon
+
+    def losses(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats, images, est, regen, recon = self._pass(z)
+        r_n = feature_tensor(feats[self.target])
+        terms = {
+            "r_n": correlation_error(est[self.target], r_n),
+            "z": correlation_error(est[LATENT], feature_tensor(feats[self.latent_name])),
+            "regen": correlation_error(feature_tensor(regen), r_n),
+            "pixel": F.mse_loss(recon.float(), images.float()),
+        }
+        if self.weights["real_pixel"] > 0:
+            real = self.real_images.train_batch(self.global_step).to(self.device)
+            terms["real_pixel"] = self.real_pixel_l1(real)
+        loss = sum(self.weights[k] * v for k, v in terms.items())
+        return {"loss": loss, **{f"term_{k}": v for k, v in terms.items()}}
+
+    def real_pixel_l1(self, real: torch.Tensor) -> torch.Tensor:
+        """Mean pixel L1 of G(E(x)) against real images x (what ablation d is scored on)."""
+        recon = self.encoder.generate(self.generator, self.encoder(real))
+        return F.l1_loss(recon.float(), real.float())
+
+    def on_validation_epoch_end(self) -> None:
+        if self.real_images is not None and not self.trainer.sanity_checking:
+            with torch.no_grad():
+                self.log("val/real_pixel_l1", self.real_pixel_l1(self.real_images.heldout().to(self.device)))
+
+    @torch.no_grad()
+    def heldout_scores(self) -> dict[str, float]:
+        scores = super().heldout_scores()
+        if self.real_images is not None:
+            was_training = self.training
+            self.eval()
+            try:
+                scores["real_pixel_l1"] = float(self.real_pixel_l1(self.real_images.heldout().to(self.device)))
+            finally:
+                self.train(was_training)
+        return scores
+
+    def evaluate(self, z: torch.Tensor):
+        feats, images, est, regen, recon = self._pass(z)
+        corrs = {name: (est[name], feature_tensor(feats[name])) for name in self.inversion_layers}
+        corrs[LATENT] = (est[LATENT], feature_tensor(feats[self.latent_name]))
+        corrs[f"{self.target}_regen"] = (feature_tensor(regen), feature_tensor(feats[self.target]))
+        return corrs, {"pixel": (recon, images)}, (images, recon)
+
+    def export(self, output_dir: str | Path) -> Path:
+        output_dir = Path(output_dir)
+        self.round_to_export_precision()
+        scores = self.heldout_scores()
+        self.write_scores(output_dir, scores)
+        meta = self.export_meta(scores)
+        if self.started_from:  # fine-tuned from an earlier hybrid file: keep how that one was made
+            meta["started_from"] = self.started_from
+        self.encoder.meta = meta
+        return torch_save_atomic(self.encoder.to_file_dict(half=self.hparams.export_half),
+                                 output_dir / f"{self.stage_name}.pt")
