@@ -123,7 +123,8 @@ def tally_source(
             since_save += len(batch.images) + len(batch.skipped)
             bar.advance(task, len(batch.images) + len(batch.skipped))
             if partial is not None and since_save >= checkpoint_every and position < n:
-                save_partial(partial, np.concatenate(rows), skipped, position)
+                rows = [np.concatenate(rows)]  # concatenated once per save, not again from scratch
+                save_partial(partial, rows[0], skipped, position)
                 since_save = 0
     stats.total_s = time.perf_counter() - start
     tallies = np.concatenate(rows) if rows else np.zeros((0, num_classes))
@@ -164,19 +165,30 @@ def cache_file(cache_dir: str | Path, source: ImageSource, segmenter_id: dict, n
     return Path(cache_dir) / "fsd_tallies" / f"{source.kind}-{digest}.npz"
 
 
-def load_cached(path: Path, num_classes: int) -> Tally | None:
+def _read_npz(path: Path, what: str) -> tuple[np.ndarray, list[tuple[str, str]], int | None] | None:
+    """``(tallies, skipped, position or None)`` from a file :func:`_write_npz` wrote; None when it
+    is absent or unreadable (a damaged file is recomputed, not trusted)."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as f:
-            tallies, skipped = f["tallies"], [tuple(s.split("\t", 1)) for s in f["skipped"].tolist()]
-    except Exception as e:  # a damaged cache is recomputed, not trusted
-        log.warning("ignoring unreadable tally cache %s (%s)", path, e)
+            position = int(f["position"]) if "position" in f.files else None
+            return (f["tallies"].astype(np.float64), [tuple(s.split("\t", 1)) for s in f["skipped"].tolist()],
+                    position)
+    except Exception as e:
+        log.warning("ignoring unreadable %s %s (%s)", what, path, e)
         return None
+
+
+def load_cached(path: Path, num_classes: int) -> Tally | None:
+    read = _read_npz(path, "tally cache")
+    if read is None:
+        return None
+    tallies, skipped, _ = read
     if tallies.ndim != 2 or tallies.shape[1] != num_classes:
         log.warning("ignoring tally cache %s: shape %s, expected N x %d", path, tallies.shape, num_classes)
         return None
-    return Tally(tallies.astype(np.float64), skipped, cache="hit", path=path)
+    return Tally(tallies, skipped, cache="hit", path=path)
 
 
 def _write_npz(path: Path, tallies: np.ndarray, skipped: Sequence[tuple[str, str]], **extra: Any) -> None:
@@ -206,17 +218,13 @@ def save_partial(path: Path, tallies: np.ndarray, skipped: Sequence[tuple[str, s
 
 
 def load_partial(path: Path, num_classes: int) -> PartialTally | None:
-    if not path.is_file():
+    read = _read_npz(path, "partial tally")  # unreadable: the tally starts over
+    if read is None:
         return None
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            tallies, position = f["tallies"].astype(np.float64), int(f["position"])
-            skipped = [tuple(s.split("\t", 1)) for s in f["skipped"].tolist()]
-    except Exception as e:  # a damaged progress file is ignored: the tally starts over
-        log.warning("ignoring unreadable partial tally %s (%s)", path, e)
-        return None
-    if tallies.ndim != 2 or tallies.shape[1] != num_classes or len(tallies) + len(skipped) != position:
-        log.warning("ignoring partial tally %s: %s tallies, %d skipped, position %d", path, tallies.shape,
+    tallies, skipped, position = read
+    if (position is None or tallies.ndim != 2 or tallies.shape[1] != num_classes
+            or len(tallies) + len(skipped) != position):
+        log.warning("ignoring partial tally %s: %s tallies, %d skipped, position %s", path, tallies.shape,
                     len(skipped), position)
         return None
     return PartialTally(tallies, skipped, position)

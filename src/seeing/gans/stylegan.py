@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .materialize import build_and_load
-from .stylegan_common import Mapping, StyledState, StyleGenerator, StyleOutput, infer_style_sizes
+from .stylegan_common import Mapping, StyledState, StyleGenerator, StyleOutput, infer_style_sizes, mapping_key
 
 LAYOUT = "genforce_stylegan"
 
@@ -189,10 +189,8 @@ def to_internal(state_dict: MappingType[str, torch.Tensor]) -> dict[str, torch.T
     last = max(int(m[1]) for k in state_dict if (m := re.fullmatch(r"synthesis\.output(\d+)\.weight", k)))
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        if key.startswith("mapping."):
-            out["layers.mapping." + key.removeprefix("mapping.")] = value
-        elif key == "truncation.w_avg":
-            out["layers.mapping.w_avg"] = value
+        if (internal := mapping_key(key)) is not None:
+            out[internal] = value
         elif m := re.fullmatch(r"synthesis\.(layer\d+)\.(.+)", key):
             out[f"layers.{m[1]}.{m[2]}"] = value
         elif m := re.fullmatch(rf"synthesis\.output{last}\.(weight|bias)", key):

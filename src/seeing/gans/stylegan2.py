@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .materialize import build_and_load
-from .stylegan_common import Mapping, StyledState, StyleGenerator, StyleOutput, infer_style_sizes
+from .stylegan_common import Mapping, StyledState, StyleGenerator, StyleOutput, infer_style_sizes, mapping_key
 
 LAYOUT = "genforce_stylegan2"
 
@@ -192,10 +192,8 @@ def to_internal(state_dict: MappingType[str, torch.Tensor]) -> dict[str, torch.T
     given to every layer that upsamples the skip image."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        if key.startswith("mapping."):
-            out["layers.mapping." + key.removeprefix("mapping.")] = value
-        elif key == "truncation.w_avg":
-            out["layers.mapping.w_avg"] = value
+        if (internal := mapping_key(key)) is not None:
+            out[internal] = value
         elif key == "synthesis.early_layer.const":
             out["layers.layer0.const"] = value
         elif key == "synthesis.upsample.kernel":

@@ -155,3 +155,12 @@ def infer_style_sizes(state_dict: MappingType[str, torch.Tensor], const_key: str
     return dict(z_dim=int(state_dict["mapping.dense0.weight"].shape[1]),
                 w_dim=int(state_dict[f"mapping.dense{dense[-1]}.weight"].shape[0]),
                 widths=widths, mapping_layers=len(dense))
+
+
+def mapping_key(key: str) -> str | None:
+    """The internal key of a genforce mapping-network entry (both StyleGANs), else None."""
+    if key.startswith("mapping."):
+        return "layers.mapping." + key.removeprefix("mapping.")
+    if key == "truncation.w_avg":
+        return "layers.mapping.w_avg"
+    return None

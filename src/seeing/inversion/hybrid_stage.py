@@ -147,17 +147,10 @@ class HybridStage(InversionStage):
             with torch.no_grad():
                 self.log("val/real_pixel_l1", self.real_pixel_l1(self.real_images.heldout().to(self.device)))
 
-    @torch.no_grad()
-    def heldout_scores(self) -> dict[str, float]:
-        scores = super().heldout_scores()
-        if self.real_images is not None:
-            was_training = self.training
-            self.eval()
-            try:
-                scores["real_pixel_l1"] = float(self.real_pixel_l1(self.real_images.heldout().to(self.device)))
-            finally:
-                self.train(was_training)
-        return scores
+    def extra_heldout_scores(self) -> dict[str, float]:
+        if self.real_images is None:
+            return {}
+        return {"real_pixel_l1": float(self.real_pixel_l1(self.real_images.heldout().to(self.device)))}
 
     def evaluate(self, z: torch.Tensor):
         feats, images, est, regen, recon = self._pass(z)
@@ -166,14 +159,13 @@ class HybridStage(InversionStage):
         corrs[f"{self.target}_regen"] = (feature_tensor(regen), feature_tensor(feats[self.target]))
         return corrs, {"pixel": (recon, images)}, (images, recon)
 
-    def export(self, output_dir: str | Path) -> Path:
-        output_dir = Path(output_dir)
-        self.round_to_export_precision()
-        scores = self.heldout_scores()
-        self.write_scores(output_dir, scores)
-        meta = self.export_meta(scores)
+    def export_meta(self, scores: Mapping[str, float]) -> dict[str, Any]:
+        meta = super().export_meta(scores)
         if self.started_from:  # fine-tuned from an earlier hybrid file: keep how that one was made
             meta["started_from"] = self.started_from
-        self.encoder.meta = meta
+        return meta
+
+    def export(self, output_dir: str | Path) -> Path:
+        self.encoder.meta = self.scored_export_meta(Path(output_dir))
         return torch_save_atomic(self.encoder.to_file_dict(half=self.hparams.export_half),
-                                 output_dir / f"{self.stage_name}.pt")
+                                 Path(output_dir) / f"{self.stage_name}.pt")

@@ -248,9 +248,14 @@ class InversionStage(pl.LightningModule):
                         if prefix == "corr" and target.shape[0] > 1:
                             metrics.setdefault(f"chance_{key}", MeanCorrelation().to(self.device)).update(
                                 target.roll(1, dims=0), target)
+            extra = self.extra_heldout_scores()
         finally:
             self.train(was_training)
-        return {k: float(m.compute()) for k, m in metrics.items()}
+        return {**{k: float(m.compute()) for k, m in metrics.items()}, **extra}
+
+    def extra_heldout_scores(self) -> dict[str, float]:
+        """Scores beyond the held-out latents' (computed in eval mode, without gradients)."""
+        return {}
 
     def export_meta(self, scores: Mapping[str, float]) -> dict[str, Any]:
         return {
@@ -261,6 +266,14 @@ class InversionStage(pl.LightningModule):
             "heldout": {"size": int(self.hparams.val_size), "seed": int(self.hparams.val_seed), **scores},
             "command": " ".join(["python", *sys.argv]),
         }
+
+    def scored_export_meta(self, output_dir: Path) -> dict[str, Any]:
+        """What every export does first: round to the export precision, score the held-out
+        set, write ``heldout.json``; returns the meta of the exported file."""
+        self.round_to_export_precision()
+        scores = self.heldout_scores()
+        self.write_scores(output_dir, scores)
+        return self.export_meta(scores)
 
     @torch.no_grad()
     def round_to_export_precision(self) -> None:
@@ -335,13 +348,9 @@ class LayerInverterStage(InversionStage):
         return corrs, {"pixel": (recon, images)}, (images, recon)
 
     def export(self, output_dir: str | Path) -> Path:
-        output_dir = Path(output_dir)
-        self.round_to_export_precision()
-        scores = self.heldout_scores()
-        self.write_scores(output_dir, scores)
-        return save_inversion_file(output_dir / f"{self.stage_name}.pt", "inverter",
-                                   inverters={self.layer: self.inverter}, meta=self.export_meta(scores),
-                                   half=self.hparams.export_half)
+        meta = self.scored_export_meta(Path(output_dir))
+        return save_inversion_file(Path(output_dir) / f"{self.stage_name}.pt", "inverter",
+                                   inverters={self.layer: self.inverter}, meta=meta, half=self.hparams.export_half)
 
 
 class ImageEncoderStage(InversionStage):
@@ -376,9 +385,6 @@ class ImageEncoderStage(InversionStage):
         return {self.target: (est, target)}, {self.target: (est, target), "pixel": (recon, images)}, (images, recon)
 
     def export(self, output_dir: str | Path) -> Path:
-        output_dir = Path(output_dir)
-        self.round_to_export_precision()
-        scores = self.heldout_scores()
-        self.write_scores(output_dir, scores)
-        return save_inversion_file(output_dir / f"{self.stage_name}.pt", "encoder", encoder=self.encoder,
-                                   meta=self.export_meta(scores), half=self.hparams.export_half)
+        meta = self.scored_export_meta(Path(output_dir))
+        return save_inversion_file(Path(output_dir) / f"{self.stage_name}.pt", "encoder", encoder=self.encoder,
+                                   meta=meta, half=self.hparams.export_half)

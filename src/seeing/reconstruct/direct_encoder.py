@@ -128,9 +128,6 @@ class DirectEncoderStage(InversionStage):
         return {LATENT: (est, latent)}, {"pixel": (recon, images)}, (images, recon)
 
     def export(self, output_dir: str | Path) -> Path:
-        output_dir = Path(output_dir)
-        self.round_to_export_precision()
-        scores = self.heldout_scores()
-        self.write_scores(output_dir, scores)
-        return torch_save_atomic(self.encoder.to_file_dict(self.export_meta(scores), self.hparams.export_half),
-                                 output_dir / f"{self.stage_name}.pt")
+        meta = self.scored_export_meta(Path(output_dir))
+        return torch_save_atomic(self.encoder.to_file_dict(meta, self.hparams.export_half),
+                                 Path(output_dir) / f"{self.stage_name}.pt")

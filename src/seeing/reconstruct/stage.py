@@ -38,33 +38,31 @@ def _missing(what: str, tried: Sequence[Path], command: str) -> FileNotFoundErro
                              f"Make it with `{command}`, or name a file explicitly.")
 
 
-def find_hybrid(run_root: str | Path, model_name: str, explicit: str | Path | None = None) -> Path:
-    """The hybrid encoder file: ``explicit``, the stage output, or the shipped asset."""
+def _find_stage_file(stage: str, what: str, run_root: str | Path, model_name: str, explicit: str | Path | None,
+                     command: str) -> Path:
+    """``explicit``, else the stage's output under ``run_root``, else the shipped asset."""
     if explicit:
         p = Path(explicit)
         if not p.is_file():
-            raise FileNotFoundError(f"hybrid encoder file {p} does not exist")
+            raise FileNotFoundError(f"{what} file {p} does not exist")
         return p
-    tried = [Path(run_root) / model_name / "hybrid" / "hybrid.pt", ASSETS / f"{model_name}_hybrid.pt"]
+    tried = [Path(run_root) / model_name / stage / f"{stage}.pt", ASSETS / f"{model_name}_{stage}.pt"]
     for p in tried:
         if p.is_file():
             return p
-    raise _missing(f"the hybrid encoder of {model_name!r}", tried, HYBRID_COMMAND.format(model=model_name))
+    raise _missing(f"the {what} of {model_name!r}", tried, command)
+
+
+def find_hybrid(run_root: str | Path, model_name: str, explicit: str | Path | None = None) -> Path:
+    """The hybrid encoder file: ``explicit``, the stage output, or the shipped asset."""
+    return _find_stage_file("hybrid", "hybrid encoder", run_root, model_name, explicit,
+                            HYBRID_COMMAND.format(model=model_name))
 
 
 def find_direct_encoder(run_root: str | Path, model_name: str, explicit: str | Path | None = None) -> Path:
-    if explicit:
-        p = Path(explicit)
-        if not p.is_file():
-            raise FileNotFoundError(f"direct encoder file {p} does not exist")
-        return p
-    tried = [Path(run_root) / model_name / "direct_encoder" / "direct_encoder.pt",
-             ASSETS / f"{model_name}_direct_encoder.pt"]
-    for p in tried:
-        if p.is_file():
-            return p
-    raise _missing(f"the direct encoder of {model_name!r}", tried,
-                   f"python train.py model={model_name} stage=direct_encoder")
+    """The direct encoder file (ablations b, c): ``explicit``, the stage output, or a shipped asset."""
+    return _find_stage_file("direct_encoder", "direct encoder", run_root, model_name, explicit,
+                            f"python train.py model={model_name} stage=direct_encoder")
 
 
 def build_targets(generator: LayeredGenerator, targets: Mapping[str, Any], record: Sequence[str],
