@@ -252,6 +252,31 @@ def test_half_export_records_the_scores_of_the_half_file(compose, tiny_progan_fi
         assert v == pytest.approx(meta["heldout"][k], rel=1e-6, abs=1e-7), k
 
 
+
+def test_layer_stage_continues_an_inverter_file(compose, tiny_progan_file, tmp_path):
+    """inverter_file: 0 steps with export_half rewrites the file in float16 with the scores of the
+    rounded weights and where it came from; a file of another layer is refused."""
+    cfg = compose("train", ["stage=layer2", *tiny(tiny_progan_file), "stage.module.val_size=32"])
+    train(cfg)
+    trained = Path(cfg.output_dir) / "layer2.pt"
+    weights = read_inversion_file(trained, "inverter")["inverters"]["layer2"]["state_dict"]
+    out = tmp_path / "half"
+    cfg = compose("train", ["stage=layer2", *tiny(tiny_progan_file), "stage.module.val_size=32",
+                            f"stage.module.inverter_file={trained}", "stage.module.export_half=true",
+                            "stage.trainer.max_steps=0", f"output_dir={out}"])
+    train(cfg)
+    obj = read_inversion_file(out / "layer2.pt", "inverter")
+    state = obj["inverters"]["layer2"]["state_dict"]
+    for k, v in weights.items():  # the same weights, rounded, not a fresh inverter
+        assert torch.equal(state[k], v.half() if v.is_floating_point() else v), k
+    meta = obj["meta"]
+    assert meta["started_from"]["file"] == str(trained) and meta["started_from"]["steps"] == 4 and meta["steps"] == 0
+    _, rescored = _module(compose, "layer2", tiny(tiny_progan_file) + [
+        f"stage.module.inverter_file={out / 'layer2.pt'}", "stage.module.val_size=32"])
+    for k, v in rescored.heldout_scores().items():
+        assert v == pytest.approx(meta["heldout"][k], rel=1e-6, abs=1e-7), k
+    with pytest.raises(ValueError, match="not 'layer3'"):
+        _module(compose, "layer3", tiny(tiny_progan_file) + [f"stage.module.inverter_file={trained}"])
 def test_checkpoint_resume_continues_training_and_stream(compose, tiny_progan_file, tmp_path):
     base = tiny(tiny_progan_file) + ["stage=layer2", "callbacks.checkpoint.every_n_train_steps=3"]
     train(compose("train", base + ["stage.trainer.max_steps=3"]))

@@ -96,11 +96,9 @@ class HybridStage(InversionStage):
         if self.weights["real_pixel"] > 0 and self.real_images is None:
             raise ValueError("weights.real_pixel > 0 needs real images: set stage.module.real_source, e.g. "
                              "`+real@stage.module.real_source=scenes`")
-        self.started_from: dict[str, Any] | None = None
         if hybrid_file:
             self.encoder = load_hybrid_encoder(hybrid_file, generator).train()
-            self.started_from = {"file": str(hybrid_file), **{k: v for k, v in self.encoder.meta.items()
-                                                               if k in ("steps", "command", "started_from")}}
+            self.record_start(hybrid_file, self.encoder.meta)
             if self.encoder.layers != self.inversion_layers:
                 raise ValueError(f"{hybrid_file} inverts {self.encoder.layers}, the model config says "
                                  f"{self.inversion_layers}")
@@ -158,12 +156,6 @@ class HybridStage(InversionStage):
         corrs[LATENT] = (est[LATENT], feature_tensor(feats[self.latent_name]))
         corrs[f"{self.target}_regen"] = (feature_tensor(regen), feature_tensor(feats[self.target]))
         return corrs, {"pixel": (recon, images)}, (images, recon)
-
-    def export_meta(self, scores: Mapping[str, float]) -> dict[str, Any]:
-        meta = super().export_meta(scores)
-        if self.started_from:  # fine-tuned from an earlier hybrid file: keep how that one was made
-            meta["started_from"] = self.started_from
-        return meta
 
     def export(self, output_dir: str | Path) -> Path:
         self.encoder.meta = self.scored_export_meta(Path(output_dir))

@@ -31,7 +31,8 @@ from seeing.reporting import save_figure, write_json
 
 from .correlation import MeanCorrelation, correlation_error
 from .encoder import ImageEncoder, encoder_spec
-from .hybrid import generator_fingerprint, save_inversion_file
+from .hybrid import (check_against_generator, generator_fingerprint, inverter_from_record, read_inversion_file,
+                     save_inversion_file)
 from .inverters import check_chain, inverter_spec, LayerInverter, probe_shapes
 from .values import feature_tensor, with_feature
 
@@ -111,6 +112,8 @@ class InversionStage(pl.LightningModule):
         self.stage_name, self.model_name = stage_name, model_name
         self.val_metrics = nn.ModuleDict()
         self._grid_pending = False
+        # set by stages that continue an earlier file (see :meth:`record_start`)
+        self.started_from: dict[str, Any] | None = None
 
     # ------------------------------------------------------------ subclass API
     def trained_modules(self) -> nn.Module:
@@ -257,8 +260,13 @@ class InversionStage(pl.LightningModule):
         """Scores beyond the held-out latents' (computed in eval mode, without gradients)."""
         return {}
 
+    def record_start(self, path: str | Path, meta: Mapping[str, Any]) -> None:
+        """This run continues the file ``path`` (meta ``meta``): its export keeps how that file was made."""
+        self.started_from = {"file": str(path), **{k: v for k, v in meta.items()
+                                                   if k in ("steps", "command", "started_from")}}
+
     def export_meta(self, scores: Mapping[str, float]) -> dict[str, Any]:
-        return {
+        meta = {
             "model": self.model_name,
             "generator_fingerprint": generator_fingerprint(self.generator),
             "stage": self.stage_name,
@@ -266,6 +274,9 @@ class InversionStage(pl.LightningModule):
             "heldout": {"size": int(self.hparams.val_size), "seed": int(self.hparams.val_seed), **scores},
             "command": " ".join(["python", *sys.argv]),
         }
+        if self.started_from:
+            meta["started_from"] = self.started_from
+        return meta
 
     def scored_export_meta(self, output_dir: Path) -> dict[str, Any]:
         """What every export does first: round to the export precision, score the held-out
@@ -305,21 +316,38 @@ class LayerInverterStage(InversionStage):
 
     Loss: correlation error between r_{N-1} and e_N(r_N), plus ``regen_weight`` times
     the correlation error between r_N and g_N(e_N(r_N)). ``index`` is N (1-based) in
-    ``inversion_layers``.
+    ``inversion_layers``. ``inverter_file`` starts from an existing inverter file instead of
+    random weights (to train it further, or, with ``max_steps=0``, to score it and write it
+    again, e.g. rounded to float16 with ``export_half``).
     """
 
     def __init__(self, generator: LayeredGenerator, inversion_layers: Sequence[str], index: int,
                  stage_name: str | None = None, hidden_channels: int | None = None, regen_weight: float = 0.01,
-                 **kwargs):
+                 inverter_file: str | Path | None = None, **kwargs):
         layers = list(inversion_layers)
         if not 1 <= int(index) <= len(layers):
             raise ValueError(f"stage layer{index}: this model inverts {len(layers)} layers ({layers}); "
                              f"choose stage=layer1 ... layer{len(layers)}")
         super().__init__(generator, layers, stage_name or f"layer{index}", **kwargs)
         self.layer = layers[int(index) - 1]
-        self.inverter = LayerInverter(inverter_spec(generator, self.layer, hidden_channels))
+        if inverter_file:
+            self.inverter = self._load_inverter(Path(inverter_file), hidden_channels)
+        else:
+            self.inverter = LayerInverter(inverter_spec(generator, self.layer, hidden_channels))
         self.target = self.inverter.spec.target
         self.regen_weight = float(regen_weight)
+
+    def _load_inverter(self, path: Path, hidden_channels: int | None) -> LayerInverter:
+        obj = read_inversion_file(path, "inverter")
+        if self.layer not in obj["inverters"]:
+            raise ValueError(f"{path} inverts {list(obj['inverters'])}, not {self.layer!r}")
+        inverter = inverter_from_record(obj["inverters"][self.layer])
+        if hidden_channels and int(hidden_channels) != inverter.spec.hidden_channels:
+            raise ValueError(f"{path} has hidden_channels {inverter.spec.hidden_channels}, the config asks for "
+                             f"{hidden_channels}: drop stage.module.hidden_channels to continue that file")
+        check_against_generator(self.generator, {self.layer: inverter}, source=str(path))
+        self.record_start(path, obj.get("meta") or {})
+        return inverter
 
     def trained_modules(self) -> nn.Module:
         return self.inverter
