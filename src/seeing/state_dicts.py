@@ -10,6 +10,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+
 def load_exact(module: nn.Module, state: Mapping[str, torch.Tensor], what: str,
                optional: Iterable[str] = ("num_batches_tracked",)) -> None:
     """Load ``state`` into ``module`` requiring the same keys and shapes, with an error that

@@ -151,6 +151,14 @@ def inverter_from_record(record: Mapping[str, Any]) -> LayerInverter:
     return module
 
 
+def read_layer_inverter(path: str | Path, layer: str) -> tuple[LayerInverter, dict[str, Any]]:
+    """The inverter of ``layer`` from an inverter file, and the file's meta."""
+    obj = read_inversion_file(path, "inverter")
+    if layer not in obj["inverters"]:
+        raise ValueError(f"{path} inverts {list(obj['inverters'])}, not {layer!r}")
+    return inverter_from_record(obj["inverters"][layer]), dict(obj.get("meta") or {})
+
+
 def encoder_from_record(record: Mapping[str, Any]) -> ImageEncoder:
     module = ImageEncoder(EncoderSpec.from_dict(record["spec"]))
     module.load_state_dict(_float32_state(record["state_dict"]))
@@ -272,11 +280,7 @@ def assemble_hybrid_encoder(generator: LayeredGenerator, layers: Sequence[str], 
 
     inverters: dict[str, LayerInverter] = {}
     for i, name in enumerate(layers, start=1):
-        path = find(f"layer{i}")
-        obj = read_inversion_file(path, "inverter")
-        if name not in obj["inverters"]:
-            raise ValueError(f"{path} inverts {list(obj['inverters'])}, not {name!r}")
-        inverters[name] = inverter_from_record(obj["inverters"][name])
+        inverters[name], _ = read_layer_inverter(find(f"layer{i}"), name)
     path = find("encoder")
     encoder = encoder_from_record(read_inversion_file(path, "encoder")["encoder"])
     if encoder.spec.target != layers[-1]:

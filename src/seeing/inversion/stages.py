@@ -31,8 +31,7 @@ from seeing.reporting import save_figure, write_json
 
 from .correlation import MeanCorrelation, correlation_error
 from .encoder import ImageEncoder, encoder_spec
-from .hybrid import (check_against_generator, generator_fingerprint, inverter_from_record, read_inversion_file,
-                     save_inversion_file)
+from .hybrid import check_against_generator, generator_fingerprint, read_layer_inverter, save_inversion_file
 from .inverters import check_chain, inverter_spec, LayerInverter, probe_shapes
 from .values import feature_tensor, with_feature
 
@@ -338,15 +337,12 @@ class LayerInverterStage(InversionStage):
         self.regen_weight = float(regen_weight)
 
     def _load_inverter(self, path: Path, hidden_channels: int | None) -> LayerInverter:
-        obj = read_inversion_file(path, "inverter")
-        if self.layer not in obj["inverters"]:
-            raise ValueError(f"{path} inverts {list(obj['inverters'])}, not {self.layer!r}")
-        inverter = inverter_from_record(obj["inverters"][self.layer])
+        inverter, meta = read_layer_inverter(path, self.layer)
         if hidden_channels and int(hidden_channels) != inverter.spec.hidden_channels:
             raise ValueError(f"{path} has hidden_channels {inverter.spec.hidden_channels}, the config asks for "
                              f"{hidden_channels}: drop stage.module.hidden_channels to continue that file")
         check_against_generator(self.generator, {self.layer: inverter}, source=str(path))
-        self.record_start(path, obj.get("meta") or {})
+        self.record_start(path, meta)
         return inverter
 
     def trained_modules(self) -> nn.Module:

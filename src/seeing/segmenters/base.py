@@ -14,7 +14,6 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-
 log = logging.getLogger(__name__)
 
 # Generators may overshoot [-1, 1] a little (ProGAN has no output tanh); anything far outside
@@ -121,5 +120,3 @@ def load_state_dict_file(path: str | Path, what: str) -> dict[str, torch.Tensor]
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return dict(obj)
-
-
