@@ -100,6 +100,12 @@ def test_loss_falls_for_every_image(world):
     assert torch.isfinite(curves).all()
     assert torch.all(curves[:, -1] < 0.8 * curves[:, 0]), curves[:, [0, -1]]
     assert torch.all(r["final_pixel_l1"] < r["initial_pixel_l1"])
+    # the pixel term alone: at step 0 (no correction yet) it is the encoder's error; later the
+    # loss also pays lambda * sum mean(delta^2), so it lies strictly above the pixel curve
+    pixel = r["pixel_curves"]
+    assert torch.allclose(pixel[:, 0], r["initial_pixel_l1"], atol=1e-6)
+    assert torch.allclose(curves[:, 0], pixel[:, 0], atol=1e-7)
+    assert torch.all(curves[:, 1:] > pixel[:, 1:])
     assert set(r["delta_rms"]) == {"layer1", "layer2", "layer3"} and r["delta_rms"]["layer2"].min() > 0
 
 
@@ -112,6 +118,8 @@ def test_z_optimisation_moves_only_the_latent(world):
     with torch.no_grad():
         assert torch.allclose(r["final"], g(r["final_latents"]), atol=1e-5)
     assert float(r["loss_curves"][:, -1].mean()) < float(r["loss_curves"][:, 0].mean())
+    # a latent that moves freely (no penalty): the loss is the pixel term
+    assert torch.allclose(r["pixel_curves"], r["loss_curves"], atol=1e-7)
 
 
 def test_resume_continues_exactly_where_it_stopped(world, tmp_path):
@@ -135,6 +143,7 @@ def test_resume_continues_exactly_where_it_stopped(world, tmp_path):
         for p in ["layer1", "layer2", "layer3"]:
             assert torch.allclose(resumed.deltas[c][p], straight.deltas[c][p], atol=1e-6), (c, p)
     assert torch.allclose(resumed.loss_curves, straight.loss_curves, atol=1e-6)
+    assert torch.allclose(resumed.pixel_curves, straight.pixel_curves, atol=1e-6)
 
     # a checkpoint of other targets is refused
     g, _, x, z0 = world

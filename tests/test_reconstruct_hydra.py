@@ -74,6 +74,7 @@ def test_every_variant_runs_and_the_ablation_reports_them(compose, files, tmp_pa
         assert results[v]["positions"] == [] and torch.equal(results[v]["final"], results[v]["initial"])
     for v in "acef":
         assert torch.isfinite(results[v]["loss_curves"]).all() and results[v]["loss_curves"].shape == (3, 3)
+        assert torch.isfinite(results[v]["pixel_curves"]).all() and results[v]["pixel_curves"].shape == (3, 3)
     # d, e, f start from the hybrid's latent; b, c from the direct encoder's; a elsewhere
     assert torch.equal(results["d"]["init_latents"], results["f"]["init_latents"])
     assert torch.equal(results["b"]["init_latents"], results["c"]["init_latents"])
@@ -107,6 +108,15 @@ def test_every_variant_runs_and_the_ablation_reports_them(compose, files, tmp_pa
         assert r["targets"] == "real" and int(r["images"]) == 3
         assert float(r["better"]) == pytest.approx(l1[better]) and float(r["worse"]) == pytest.approx(l1[worse])
         assert (r["holds"] == "True") == (l1[better] < l1[worse])
+    # each optimising variant against each single-pass one (b, d), on the real targets
+    with open(out / "ablation_equivalent_steps.csv") as f:
+        equivalents = list(csv.DictReader(f))
+    assert {(r["single_pass"], r["optimised"]) for r in equivalents} == {(s, o) for s in "bd" for o in "acef"}
+    for r in equivalents:
+        assert float(r["single_pass_pixel_l1"]) == pytest.approx(l1[r["single_pass"]])
+        curve = results[r["optimised"]]["pixel_curves"].mean(0)
+        reached = [t for t in range(3) if float(curve[t]) <= float(r["single_pass_pixel_l1"])]
+        assert r["steps_to_match"] == (str(reached[0]) if reached else "")
 
 
 def test_ordering_checks_pair_images_by_id_and_bound_the_difference():
@@ -130,6 +140,31 @@ def test_ordering_checks_pair_images_by_id_and_bound_the_difference():
     assert d_c["diff_ci_low"] < 0 < d_c["diff_ci_high"] and not d_c["beyond_noise"]
     # disjoint target sets: nothing to compare
     assert ordering_checks({("real", "d"): (ids, base), ("real", "b"): (ids + 1000, base)}) == []
+
+
+def test_equivalent_steps_finds_where_an_optimiser_catches_up_with_one_pass():
+    from seeing.evaluation.ablation import equivalent_steps
+
+    ids = torch.arange(10, 14)
+    steps = torch.arange(6, dtype=torch.float32)
+    curve = 0.5 - 0.05 * steps + torch.tensor([[0.01], [-0.01], [0.02], [-0.02]])  # image means: 0.5 - 0.05 t
+    curve[2, 4:] = float("nan")  # image 12 stopped (non-finite loss) after step 3: out of the later means
+    curves = {("real", "c"): (ids, curve), ("generated", "c"): (ids, curve)}
+    single = {("real", "d"): (ids.flip(0), torch.full((4,), 0.36)),  # reached after 3 steps (0.35)
+              ("real", "b"): (ids[:2], torch.tensor([0.47, 0.47])),  # images 10, 11 only: 0.5, 0.45 ...
+              ("generated", "d"): (ids, torch.full((4,), 0.1)),  # never within 6 steps
+              ("generated", "b"): (ids + 100, torch.full((4,), 0.9)),  # no shared images: left out
+              # reached at step 5 by the mean of the three images still running (0.25 - 0.02/3)
+              ("real", "x"): (ids, torch.full((4,), 0.245))}
+    rows = {(r["targets"], r["single_pass"]): r for r in equivalent_steps(curves, single)}
+    assert set(rows) == {("real", "d"), ("real", "b"), ("real", "x"), ("generated", "d")}
+    assert rows[("real", "d")]["steps_to_match"] == 3 and rows[("real", "d")]["images"] == 4
+    assert rows[("real", "b")]["steps_to_match"] == 1 and rows[("real", "b")]["images"] == 2
+    assert rows[("real", "b")]["pixel_l1_at_start"] == pytest.approx(0.5)
+    gen = rows[("generated", "d")]
+    assert gen["steps_to_match"] is None and gen["steps_run"] == 6
+    # the stopped image is dropped from the later means rather than making them NaN
+    assert rows[("real", "x")]["steps_to_match"] == 5
 
 
 def test_reconstruction_report_runs_here_and_fails_clearly_without_encoder(compose, files, tmp_path, monkeypatch):

@@ -7,7 +7,9 @@ summarises each like ``metric=reconstruction`` does, and writes one table: a row
 generated targets, segmentation mIoU and missing classes per image. Also
 ``ablation_missing.csv`` (each run's missing-class ranking), ``ablation_ordering.{csv,md}``
 (which of the paper's pairwise claims hold, by per-image pixel L1, with a paired bootstrap
-interval) and ``ablation_<kind>.png`` (targets next to every variant's reconstruction).
+interval), ``ablation_equivalent_steps.{csv,md}`` (how many optimisation steps each optimising
+variant needs to match each single-pass encoder) and ``ablation_<kind>.png`` (targets next to
+every variant's reconstruction).
 """
 from __future__ import annotations
 
@@ -75,6 +77,38 @@ def ordering_checks(errors: Mapping[tuple[str, str], tuple[torch.Tensor, torch.T
     return checks
 
 
+def equivalent_steps(curves: Mapping[tuple[str, str], tuple[torch.Tensor, torch.Tensor]],
+                     single: Mapping[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, Any]]:
+    """What one forward pass of an encoder is worth in optimisation steps.
+
+    ``curves[(kind, variant)] = (ids, pixel L1 per image and step)`` of the optimising runs;
+    ``single[(kind, variant)] = (ids, pixel L1 per image)`` of the single-pass runs (no
+    optimisation). For every pair of the same targets kind, on the images both reconstructed:
+    the first step at which the optimising variant's mean pixel L1 is at or below the
+    single-pass variant's (``steps_to_match``; step t is the error after t updates), or None
+    when it never gets there within its run. Images whose curve stopped (non-finite loss)
+    are left out of the mean from that step on.
+    """
+    rows = []
+    for (kind, opt), (ids_o, curve) in curves.items():
+        for (kind_s, one), (ids_s, err) in single.items():
+            if kind_s != kind:
+                continue
+            row_of = {int(i): r for r, i in enumerate(ids_o)}
+            shared = [(row_of[int(i)], float(e)) for i, e in zip(ids_s, err) if int(i) in row_of]
+            if not shared:
+                log.warning("%s: variants %s and %s share no target images; not compared", kind, one, opt)
+                continue
+            mean_curve = curve[[r for r, _ in shared]].float().nanmean(0)
+            target = float(np.mean([e for _, e in shared]))
+            reached = torch.nonzero(mean_curve <= target).flatten()
+            rows.append({"targets": kind, "single_pass": one, "single_pass_pixel_l1": target, "optimised": opt,
+                         "images": len(shared), "steps_run": int(curve.shape[1]),
+                         "pixel_l1_at_start": float(mean_curve[0]) if len(mean_curve) else None,
+                         "steps_to_match": int(reached[0]) if len(reached) else None})
+    return sorted(rows, key=lambda r: (r["targets"], r["single_pass"], r["optimised"]))
+
+
 def comparison_figure(kind: str, results: dict[str, dict[str, Any]], path: Path, rows: int = 6) -> Path:
     """Rows of images: the target, then each variant's final reconstruction."""
     import matplotlib
@@ -118,7 +152,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             f"Make them with `python train.py -m model={cfg.model.name} stage=reconstruct variant="
             f"{','.join(m.variants)}` (add stage.targets.kind=generated for generated targets).")
     segmenter = hydra.utils.instantiate(cfg.segmenter).to(resolve_device(cfg.get("device", "auto"))).eval()
-    rows, missing_rows, by_kind, errors = [], [], {}, {}
+    rows, missing_rows, by_kind, errors, curves, single = [], [], {}, {}, {}, {}
     for (kind, variant), path in sorted(found.items()):
         result = load_result(path)
         s = summarize(result, segmenter, float(m.min_fraction), int(m.min_support), int(m.segment_batch_size),
@@ -138,6 +172,12 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         by_kind.setdefault(kind, {})[variant] = result
         ids = result.get("ids", torch.arange(len(result["final_pixel_l1"])))
         errors[(kind, variant)] = (ids, result["final_pixel_l1"])
+        if not result["positions"]:
+            single[(kind, variant)] = errors[(kind, variant)]
+        elif "pixel_curves" in result:
+            curves[(kind, variant)] = (ids, result["pixel_curves"])
+        else:
+            log.info("%s: made before pixel curves were recorded; left out of the equivalent steps", path)
         log.info("ablation %s/%s: %s", kind, variant, row)
     # generated-target runs have correlation columns that real ones lack: one column set for all
     columns = list(dict.fromkeys(c for r in rows for c in r))
@@ -153,8 +193,13 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     write_csv(out_dir / "ablation_ordering.csv", ordering)
     if ordering:
         write_markdown_table(out_dir / "ablation_ordering.md", ordering)
+    equivalents = equivalent_steps(curves, single)
+    write_csv(out_dir / "ablation_equivalent_steps.csv", equivalents)
+    if equivalents:
+        write_markdown_table(out_dir / "ablation_equivalent_steps.md",
+                             [{k: ("" if v is None else v) for k, v in r.items()} for r in equivalents])
     write_json(out_dir / "ablation.json", {"rows": rows, "missing": missing_rows, "fsd_comparison": comparison,
-                                           "ordering": ordering})
+                                           "ordering": ordering, "equivalent_steps": equivalents})
     wandb = WandbReport(cfg, job_type="ablation")
     try:
         wandb.log_table("ablation/table", rows)
@@ -162,6 +207,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         for kind, fig in figures.items():
             wandb.log_image(f"ablation/{kind}", fig)
         wandb.log_table("ablation/ordering", ordering)
+        wandb.log_table("ablation/equivalent_steps", equivalents)
     finally:
         wandb.finish()
     print((out_dir / "ablation.md").read_text())
@@ -170,4 +216,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         print(f"{c['targets']:>9}  {c['claim']}  {c['measure']} {c['better']:.4f} vs {c['worse']:.4f}, better on "
               f"{c['better_wins']:.0%} of {c['images']} images, difference 95% CI [{c['diff_ci_low']:.4f}, "
               f"{c['diff_ci_high']:.4f}]: {verdict}")
+    for r in equivalents:
+        reach = (f"after {r['steps_to_match']} steps" if r["steps_to_match"] is not None
+                 else f"not within its {r['steps_run']} steps")
+        print(f"{r['targets']:>9}  {r['optimised']} matches {r['single_pass']}'s one pass (pixel L1 "
+              f"{r['single_pass_pixel_l1']:.4f}) {reach}")
     return rows

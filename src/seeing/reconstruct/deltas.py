@@ -25,9 +25,9 @@ split into chunks, each with its own corrections, Adam state and schedule; the
 training step ``k`` advances chunk ``k mod n_chunks`` once, so every chunk gets
 ``steps`` steps.
 
-Resumable: the corrections, the optimisers and the per-image loss curves live in
-Lightning checkpoints; the frozen networks do not (they are rebuilt from their
-files), and a checkpoint made for other targets is refused.
+Resumable: the corrections, the optimisers and the per-image loss (and pixel L1)
+curves live in Lightning checkpoints; the frozen networks do not (they are rebuilt
+from their files), and a checkpoint made for other targets is refused.
 """
 from __future__ import annotations
 
@@ -173,6 +173,8 @@ class Reconstructor(pl.LightningModule):
         self.register_buffer("targets", targets.detach().float().clone())
         self.register_buffer("init_latents", init_latents.detach().float().clone())
         self.register_buffer("loss_curves", torch.full((n, self.steps), float("nan")))
+        # the pixel L1 term alone, step by step: comparable across variants whatever else the loss holds
+        self.register_buffer("pixel_curves", torch.full((n, self.steps), float("nan")))
         # images whose loss turned non-finite: they keep their last finite corrections (and are counted)
         self.register_buffer("diverged", torch.zeros(n, dtype=torch.bool))
         self._last_good: dict[int, dict[str, torch.Tensor]] = {}
@@ -272,8 +274,9 @@ class Reconstructor(pl.LightningModule):
                     d[stopped] = kept[p][stopped]
         self._last_good[c] = kept
         self.diverged[s:e] = stopped
-        self.loss_curves[s:e, step] = torch.where(stopped, torch.full_like(per_image, float("nan")),
-                                                  per_image).detach().float()
+        nan = torch.full_like(per_image, float("nan"))
+        self.loss_curves[s:e, step] = torch.where(stopped, nan, per_image).detach().float()
+        self.pixel_curves[s:e, step] = torch.where(stopped, nan, terms["pixel"]).detach().float()
         live = ~stopped
         if live.any():
             self.log("train/loss", per_image.detach()[live].mean(), prog_bar=True)
@@ -293,6 +296,7 @@ class Reconstructor(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
         state.setdefault("diverged", torch.zeros_like(self.diverged))  # checkpoints from before it was kept
+        state.setdefault("pixel_curves", torch.full_like(self.pixel_curves, float("nan")))  # likewise
         own = {k: v for k, v in self.state_dict().items() if not k.startswith(_FROZEN_PREFIXES)}
         missing = [k for k in own if k not in state]
         wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -332,6 +336,7 @@ class Reconstructor(pl.LightningModule):
             "positions": list(self.positions),
             "delta_rms": {p: torch.cat(v) for p, v in norms.items()},
             "loss_curves": self.loss_curves.cpu(),
+            "pixel_curves": self.pixel_curves.cpu(),
             "initial_pixel_l1": (initial_t - targets).abs().flatten(1).mean(1),
             "final_pixel_l1": (final_t - targets).abs().flatten(1).mean(1),
             "recovered_features": {p: torch.cat(v) for p, v in features.items()},
