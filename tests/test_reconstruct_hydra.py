@@ -109,6 +109,7 @@ def test_every_variant_runs_and_the_ablation_reports_them(compose, files, tmp_pa
         assert float(r["better"]) == pytest.approx(l1[better]) and float(r["worse"]) == pytest.approx(l1[worse])
         assert (r["holds"] == "True") == (l1[better] < l1[worse])
     # each optimising variant against each single-pass one (b, d), on the real targets
+    assert (out / "ablation_curves_real.png").is_file() and (out / "ablation_curves_generated.png").is_file()
     with open(out / "ablation_equivalent_steps.csv") as f:
         equivalents = list(csv.DictReader(f))
     assert {(r["single_pass"], r["optimised"]) for r in equivalents} == {(s, o) for s in "bd" for o in "acef"}

@@ -8,8 +8,8 @@ generated targets, segmentation mIoU and missing classes per image. Also
 ``ablation_missing.csv`` (each run's missing-class ranking), ``ablation_ordering.{csv,md}``
 (which of the paper's pairwise claims hold, by per-image pixel L1, with a paired bootstrap
 interval), ``ablation_equivalent_steps.{csv,md}`` (how many optimisation steps each optimising
-variant needs to match each single-pass encoder) and ``ablation_<kind>.png`` (targets next to
-every variant's reconstruction).
+variant needs to match each single-pass encoder, drawn in ``ablation_curves_<kind>.png``) and
+``ablation_<kind>.png`` (targets next to every variant's reconstruction).
 """
 from __future__ import annotations
 
@@ -109,6 +109,32 @@ def equivalent_steps(curves: Mapping[tuple[str, str], tuple[torch.Tensor, torch.
     return sorted(rows, key=lambda r: (r["targets"], r["single_pass"], r["optimised"]))
 
 
+def curves_figure(kind: str, curves: Mapping[str, torch.Tensor], single: Mapping[str, float], path: Path) -> Path:
+    """Mean pixel L1 against optimisation step for each optimising variant, with each
+    single-pass variant's error as a dashed level: where a curve crosses a level is
+    ``steps_to_match``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, v in enumerate(sorted(curves)):
+        ax.plot(curves[v].float().nanmean(0).numpy(), lw=1.6, color=colors[i % len(colors)],
+                label=f"{v}: {SHORT.get(v, v)}")
+    for i, v in enumerate(sorted(single)):
+        ax.axhline(single[v], ls="--", lw=1.2, color="black" if v == "d" else "grey",
+                   label=f"{v}: {SHORT.get(v, v)} (one pass)")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimisation step")
+    ax.set_ylabel("mean pixel L1")
+    ax.set_title(f"ablation on {kind} targets: error against effort", fontsize=9)
+    ax.legend(fontsize=6.5)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def comparison_figure(kind: str, results: dict[str, dict[str, Any]], path: Path, rows: int = 6) -> Path:
     """Rows of images: the target, then each variant's final reconstruction."""
     import matplotlib
@@ -194,6 +220,11 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     if ordering:
         write_markdown_table(out_dir / "ablation_ordering.md", ordering)
     equivalents = equivalent_steps(curves, single)
+    for kind in dict.fromkeys(k for k, _ in curves):
+        figures[f"{kind}_curves"] = curves_figure(
+            kind, {v: c for (k, v), (_, c) in curves.items() if k == kind},
+            {v: float(e.mean()) for (k, v), (_, e) in single.items() if k == kind},
+            out_dir / f"ablation_curves_{kind}.png")
     write_csv(out_dir / "ablation_equivalent_steps.csv", equivalents)
     if equivalents:
         write_markdown_table(out_dir / "ablation_equivalent_steps.md",
