@@ -112,7 +112,9 @@ def test_every_variant_runs_and_the_ablation_reports_them(compose, files, tmp_pa
     assert (out / "ablation_curves_real.png").is_file() and (out / "ablation_curves_generated.png").is_file()
     with open(out / "ablation_equivalent_steps.csv") as f:
         equivalents = list(csv.DictReader(f))
-    assert {(r["single_pass"], r["optimised"]) for r in equivalents} == {(s, o) for s in "bd" for o in "acef"}
+    # (c starts from b's latent, e and f from d's: they match it at step 0 by construction, not listed)
+    assert {(r["single_pass"], r["optimised"]) for r in equivalents} == {("b", "a"), ("b", "e"), ("b", "f"),
+                                                                          ("d", "a"), ("d", "c")}
     for r in equivalents:
         assert float(r["single_pass_pixel_l1"]) == pytest.approx(l1[r["single_pass"]])
         curve = results[r["optimised"]]["pixel_curves"].mean(0)
@@ -166,6 +168,9 @@ def test_equivalent_steps_finds_where_an_optimiser_catches_up_with_one_pass():
     assert gen["steps_to_match"] is None and gen["steps_run"] == 6
     # the stopped image is dropped from the later means rather than making them NaN
     assert rows[("real", "x")]["steps_to_match"] == 5
+    # a run that starts where the single pass ends is not compared with it
+    starts = {("real", "c"): "direct_encoder", ("real", "b"): "direct_encoder", ("real", "d"): "hybrid"}
+    assert {r["single_pass"] for r in equivalent_steps(curves, single, starts) if r["targets"] == "real"} == {"d", "x"}
 
 
 def test_reconstruction_report_runs_here_and_fails_clearly_without_encoder(compose, files, tmp_path, monkeypatch):

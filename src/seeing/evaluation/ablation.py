@@ -78,7 +78,8 @@ def ordering_checks(errors: Mapping[tuple[str, str], tuple[torch.Tensor, torch.T
 
 
 def equivalent_steps(curves: Mapping[tuple[str, str], tuple[torch.Tensor, torch.Tensor]],
-                     single: Mapping[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, Any]]:
+                     single: Mapping[tuple[str, str], tuple[torch.Tensor, torch.Tensor]],
+                     starts: Mapping[tuple[str, str], str] | None = None) -> list[dict[str, Any]]:
     """What one forward pass of an encoder is worth in optimisation steps.
 
     ``curves[(kind, variant)] = (ids, pixel L1 per image and step)`` of the optimising runs;
@@ -87,12 +88,16 @@ def equivalent_steps(curves: Mapping[tuple[str, str], tuple[torch.Tensor, torch.
     the first step at which the optimising variant's mean pixel L1 is at or below the
     single-pass variant's (``steps_to_match``; step t is the error after t updates), or None
     when it never gets there within its run. Images whose curve stopped (non-finite loss)
-    are left out of the mean from that step on.
+    are left out of the mean from that step on. ``starts[(kind, variant)]`` names where a run's
+    latent came from; a run that starts from the single-pass one's output (c from b, e and f
+    from d) matches it at step 0 by construction and is not listed.
     """
+    starts = starts or {}
     rows = []
     for (kind, opt), (ids_o, curve) in curves.items():
         for (kind_s, one), (ids_s, err) in single.items():
-            if kind_s != kind:
+            start = starts.get((kind, opt))
+            if kind_s != kind or (start is not None and start == starts.get((kind_s, one))):
                 continue
             row_of = {int(i): r for r, i in enumerate(ids_o)}
             shared = [(row_of[int(i)], float(e)) for i, e in zip(ids_s, err) if int(i) in row_of]
@@ -178,7 +183,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             f"Make them with `python train.py -m model={cfg.model.name} stage=reconstruct variant="
             f"{','.join(m.variants)}` (add stage.targets.kind=generated for generated targets).")
     segmenter = hydra.utils.instantiate(cfg.segmenter).to(resolve_device(cfg.get("device", "auto"))).eval()
-    rows, missing_rows, by_kind, errors, curves, single = [], [], {}, {}, {}, {}
+    rows, missing_rows, by_kind, errors, curves, single, starts = [], [], {}, {}, {}, {}, {}
     for (kind, variant), path in sorted(found.items()):
         result = load_result(path)
         s = summarize(result, segmenter, float(m.min_fraction), int(m.min_support), int(m.segment_batch_size),
@@ -198,6 +203,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         by_kind.setdefault(kind, {})[variant] = result
         ids = result.get("ids", torch.arange(len(result["final_pixel_l1"])))
         errors[(kind, variant)] = (ids, result["final_pixel_l1"])
+        starts[(kind, variant)] = result.get("meta", {}).get("init")
         if not result["positions"]:
             single[(kind, variant)] = errors[(kind, variant)]
         elif "pixel_curves" in result:
@@ -219,7 +225,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     write_csv(out_dir / "ablation_ordering.csv", ordering)
     if ordering:
         write_markdown_table(out_dir / "ablation_ordering.md", ordering)
-    equivalents = equivalent_steps(curves, single)
+    equivalents = equivalent_steps(curves, single, starts)
     for kind in dict.fromkeys(k for k, _ in curves):
         figures[f"{kind}_curves"] = curves_figure(
             kind, {v: c for (k, v), (_, c) in curves.items() if k == kind},
