@@ -128,7 +128,7 @@ def curves_figure(kind: str, curves: Mapping[str, torch.Tensor], single: Mapping
     for i, v in enumerate(sorted(curves)):
         ax.plot(curves[v].float().nanmean(0).numpy(), lw=1.6, color=colors[i % len(colors)],
                 label=f"{v}: {SHORT.get(v, v)}")
-    for i, v in enumerate(sorted(single)):
+    for v in sorted(single):
         ax.axhline(single[v], ls="--", lw=1.2, color="black" if v == "d" else "grey",
                    label=f"{v}: {SHORT.get(v, v)} (one pass)")
     ax.set_yscale("log")
