@@ -50,8 +50,8 @@ def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
 
 
 def write_markdown_table(path: str | Path, rows: Sequence[Mapping[str, Any]], floatfmt: str = ".4f") -> Path:
-    def fmt(v: Any) -> str:
-        return format(v, floatfmt) if isinstance(v, float) else str(v)
+    def fmt(v: Any) -> str:  # None (not measured) is a blank cell
+        return "" if v is None else format(v, floatfmt) if isinstance(v, float) else str(v)
 
     cols = list(rows[0].keys()) if rows else []
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

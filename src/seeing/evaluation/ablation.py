@@ -45,6 +45,14 @@ SHORT = {"a": "opt. z", "b": "direct enc.", "c": "direct + z", "d": "layer-wise 
 PAPER_ORDERING = [("f", "d"), ("f", "e"), ("e", "a"), ("e", "b"), ("e", "c"), ("d", "b"), ("d", "a"), ("d", "c")]
 
 
+def matched_rows(ids_a: torch.Tensor, ids_b: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Row indices into two runs' per-image values for the target images both hold (matched by
+    id), in the order of the first run."""
+    row_b = {int(i): r for r, i in enumerate(ids_b)}
+    pairs = [(r, row_b[int(i)]) for r, i in enumerate(ids_a) if int(i) in row_b]
+    return [a for a, _ in pairs], [b for _, b in pairs]
+
+
 def ordering_checks(errors: Mapping[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], measure: str = "pixel_l1",
                     resamples: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
     """Each pair of :data:`PAPER_ORDERING` whose runs both exist, per targets kind.
@@ -62,8 +70,8 @@ def ordering_checks(errors: Mapping[tuple[str, str], tuple[torch.Tensor, torch.T
             if (kind, better) not in errors or (kind, worse) not in errors:
                 continue
             (ids_b, err_b), (ids_w, err_w) = errors[(kind, better)], errors[(kind, worse)]
-            by_id = {int(i): float(e) for i, e in zip(ids_w, err_w)}
-            pairs = np.array([(float(e), by_id[int(i)]) for i, e in zip(ids_b, err_b) if int(i) in by_id])
+            rows_b, rows_w = matched_rows(ids_b, ids_w)
+            pairs = np.array([(float(err_b[i]), float(err_w[j])) for i, j in zip(rows_b, rows_w)])
             if len(pairs) == 0:
                 log.warning("%s: variants %s and %s share no target images; not compared", kind, better, worse)
                 continue
@@ -99,16 +107,15 @@ def equivalent_steps(curves: Mapping[tuple[str, str], tuple[torch.Tensor, torch.
             start = starts.get((kind, opt))
             if kind_s != kind or (start is not None and start == starts.get((kind_s, one))):
                 continue
-            row_of = {int(i): r for r, i in enumerate(ids_o)}
-            shared = [(row_of[int(i)], float(e)) for i, e in zip(ids_s, err) if int(i) in row_of]
-            if not shared:
+            rows_s, rows_o = matched_rows(ids_s, ids_o)
+            if not rows_s:
                 log.warning("%s: variants %s and %s share no target images; not compared", kind, one, opt)
                 continue
-            mean_curve = curve[[r for r, _ in shared]].float().nanmean(0)
-            target = float(np.mean([e for _, e in shared]))
+            mean_curve = curve[rows_o].float().nanmean(0)
+            target = float(np.mean([float(err[r]) for r in rows_s]))
             reached = torch.nonzero(mean_curve <= target).flatten()
             rows.append({"targets": kind, "single_pass": one, "single_pass_pixel_l1": target, "optimised": opt,
-                         "images": len(shared), "steps_run": int(curve.shape[1]),
+                         "images": len(rows_s), "steps_run": int(curve.shape[1]),
                          "pixel_l1_at_start": float(mean_curve[0]) if len(mean_curve) else None,
                          "steps_to_match": int(reached[0]) if len(reached) else None})
     return sorted(rows, key=lambda r: (r["targets"], r["single_pass"], r["optimised"]))
@@ -215,7 +222,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     columns = list(dict.fromkeys(c for r in rows for c in r))
     rows = [{c: r.get(c) for c in columns} for r in rows]  # None: not measured (W&B tables take None)
     write_csv(out_dir / "ablation.csv", rows)
-    write_markdown_table(out_dir / "ablation.md", [{c: ("" if v is None else v) for c, v in r.items()} for r in rows])
+    write_markdown_table(out_dir / "ablation.md", rows)
     write_csv(out_dir / "ablation_missing.csv", missing_rows)
     figures = {kind: comparison_figure(kind, res, out_dir / f"ablation_{kind}.png", int(m.max_rows))
                for kind, res in by_kind.items()}
@@ -233,8 +240,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             out_dir / f"ablation_curves_{kind}.png")
     write_csv(out_dir / "ablation_equivalent_steps.csv", equivalents)
     if equivalents:
-        write_markdown_table(out_dir / "ablation_equivalent_steps.md",
-                             [{k: ("" if v is None else v) for k, v in r.items()} for r in equivalents])
+        write_markdown_table(out_dir / "ablation_equivalent_steps.md", equivalents)
     write_json(out_dir / "ablation.json", {"rows": rows, "missing": missing_rows, "fsd_comparison": comparison,
                                            "ordering": ordering, "equivalent_steps": equivalents})
     wandb = WandbReport(cfg, job_type="ablation")
