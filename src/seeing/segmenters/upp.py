@@ -25,6 +25,7 @@ from torchvision.models.resnet import Bottleneck
 from seeing.state_dicts import load_exact
 
 from .base import Segmenter, load_state_dict_file, require_file, resolve_device
+from .precise_pool import precise_roi_pool
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,9 @@ class UPerNetObjectDecoder(nn.Module):
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         top = features[-1]
         size = top.shape[-2:]
-        # The release pools, upsamples back, and only then applies the 1x1 conv + BN + ReLU.
-        pyramid = [top] + [conv(F.interpolate(F.adaptive_avg_pool2d(top, s), size, mode="bilinear", align_corners=False))
+        # The release pools, upsamples back, and only then applies the 1x1 conv + BN + ReLU. It pools with
+        # PrRoIPool2D(s, s, 1.0) on one RoI [0, 0, W, H], not average pooling (see precise_pool).
+        pyramid = [top] + [conv(F.interpolate(precise_roi_pool(top, s), size, mode="bilinear", align_corners=False))
                            for s, conv in zip(self.pool_scales, self.ppm_conv)]
         f = self.ppm_last_conv(torch.cat(pyramid, 1))
         levels = [f]
