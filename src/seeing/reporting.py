@@ -67,16 +67,33 @@ def torch_save_atomic(obj: Any, path: str | Path) -> Path:
     return Path(path)
 
 
-def load_format_file(path: str | Path, fmt: str, what: str) -> dict[str, Any]:
-    """Read one of the project's own ``{"format": fmt, ...}`` torch files (weights only), with
-    errors that say which file was expected and what was found instead."""
+def load_torch_file(path: str | Path, what: str, fix: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU. Whatever goes wrong reading the file
+    (truncated copy, a text file, a pickle that is not weights-only) is one ValueError naming
+    the path, saying it is not a readable PyTorch checkpoint, and ``fix`` (what to do)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no {what} at {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"no {what} at {path}. {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch raises OSError, KeyError, RuntimeError, UnpicklingError...
+        raise ValueError(f"{path} ({path.stat().st_size} bytes) is not a readable PyTorch checkpoint: the {what} "
+                         f"file is truncated, damaged or of another kind ({type(err).__name__}: {err}). "
+                         f"{fix}") from err
+
+
+def load_format_file(path: str | Path, fmt: str, what: str, fix: str | None = None) -> dict[str, Any]:
+    """Read one of the project's own ``{"format": fmt, ...}`` torch files (weights only), with
+    errors that say which file was expected, what was found instead, and ``fix``: what to do
+    (re-run the command that writes it, or point the option at the right file)."""
+    path = Path(path)
+    fix = fix or f"Re-copy it, or point at the right {what} file."
+    obj = load_torch_file(path, what, fix)
     if not isinstance(obj, dict) or obj.get("format") != fmt:
         found = obj.get("format") if isinstance(obj, dict) else None
-        raise ValueError(f"{path} is not a {fmt} file (format={found!r})")
+        raise ValueError(f"{path} is not a {fmt} file (format={found!r}). {fix}")
     return obj
 
 

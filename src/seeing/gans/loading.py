@@ -19,13 +19,14 @@ Known layouts (model config name in brackets):
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
+
+from seeing.reporting import load_torch_file
 
 from . import genforce_pggan, stylegan, stylegan2, wgangp
 from .layered import LayeredGenerator
@@ -137,10 +138,9 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any], layout: str =
         path = Path(source).expanduser()
         if not path.is_file():
             raise _missing_file_error(path, _allowed_layouts(layout))
-        try:
-            source = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-            raise ValueError(f"{path} is not a readable weights-only PyTorch checkpoint: {err}") from err
+        source = load_torch_file(path, "generator checkpoint",
+                                 "Re-copy the file (an interrupted download or copy leaves it truncated), or point "
+                                 "model.checkpoint at the right generator checkpoint.")
     if not isinstance(source, Mapping):
         raise TypeError(f"expected a checkpoint path, checkpoint dict or state dict, got {type(source).__name__}")
     stored_layout, meta = None, {}

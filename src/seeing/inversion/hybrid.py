@@ -179,7 +179,10 @@ def save_inversion_file(path: str | Path, kind: str, *, inverters: Mapping[str, 
 
 
 def read_inversion_file(path: str | Path, kind: str | None = None) -> dict[str, Any]:
-    obj = load_format_file(path, FORMAT, "inversion file")
+    stage = {"inverter": "layerN", "encoder": "encoder", "hybrid": "hybrid"}.get(kind or "", "<stage>")
+    obj = load_format_file(path, FORMAT, f"{kind or 'inversion'} file",
+                           f"Re-copy it, re-run `python train.py model=<model> stage={stage}` to write it again, "
+                           "or point the option that names it at the right file.")
     if kind is not None and obj.get("kind") != kind:
         raise ValueError(f"{path} holds a {obj.get('kind')!r}, expected a {kind!r}")
     return obj

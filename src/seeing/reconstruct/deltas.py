@@ -366,4 +366,6 @@ class Reconstructor(pl.LightningModule):
 
 
 def load_result(path: str | Path) -> dict[str, Any]:
-    return load_format_file(path, RESULT_FORMAT, "reconstruction result")
+    return load_format_file(path, RESULT_FORMAT, "reconstruction result",
+                            f"Re-copy it, re-run `python train.py stage=reconstruct ...` to write it again, or "
+                            f"point metric.result at the right {RESULT_FILE}.")

@@ -78,7 +78,9 @@ class DirectEncoder(nn.Module):
 def load_direct_encoder(path: str | Path, generator: LayeredGenerator | None = None,
                         map_location: str | torch.device = "cpu") -> DirectEncoder:
     """A :class:`DirectEncoder` from its file, in eval mode (checked against ``generator`` if given)."""
-    obj = load_format_file(path, FORMAT, "direct encoder")
+    obj = load_format_file(path, FORMAT, "direct encoder",
+                           f"Re-copy it, re-run `python train.py model=<model> stage={STAGE}` to write it again, "
+                           "or point the option that names it at the right file.")
     spec = EncoderSpec.from_dict(obj["encoder"]["spec"])
     model = DirectEncoder(spec.image_size, obj["latent_shape"], obj["latent_name"], spec=spec,
                           normalize=bool(obj.get("normalize", False)))
