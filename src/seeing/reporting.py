@@ -7,10 +7,12 @@ lands on disk is also logged to W&B (offline unless configured otherwise).
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -18,19 +20,50 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+_UMASK_LOCK = threading.Lock()
+# a full disk or quota: what to do differs from a permissions problem
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the kernel reports it (Linux:
+    /proc/self/status); elsewhere set and restored under a lock."""
     try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename, so a
+    killed run never leaves half a file. The file gets the mode a plain ``open`` would give it
+    (0o666 less the umask; mkstemp's own 0o600 would hide shared caches from the group). Any
+    OSError names ``path``; a full disk (ENOSPC, EDQUOT) also says what to do."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:
+            hint = (" (no space left: free space on that disk, or point paths.cache_dir / the output "
+                    "directory at another one)" if e.errno in _NO_SPACE else "")
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}{hint}") from e
         raise
 
 
