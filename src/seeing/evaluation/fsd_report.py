@@ -99,6 +99,7 @@ def _side_report(source: ImageSource, tally: Tally) -> dict[str, Any]:
         "skipped_files": [{"item": s[0], "reason": s[1] if len(s) > 1 else ""} for s in tally.skipped[:100]],
         "cache": tally.cache,
         "cache_file": str(tally.path) if tally.path else None,
+        "cache_rejected": tally.cache_rejected,  # why a cache file under the key was not trusted
     }
 
 

@@ -4,6 +4,12 @@ A tally is the N x K matrix of per-image class fractions that FSD and the per-cl
 are computed from. Tallies are cached on disk keyed by source, segmenter (its weights'
 fingerprint), N, resolution and offset, written atomically; an unfinished tally keeps its
 progress in a ``.partial.npz`` next to the cache file and resumes from it.
+
+A cache file stores the key it was written for (the JSON text whose digest names it) and
+its row counts; a file whose key or counts do not match (copied from elsewhere, damaged,
+from an older version) is a logged cache miss, tallied again and overwritten, never used.
+A cache folder that cannot be written is a warning (once per folder): the tally is still
+computed and returned, just not cached.
 """
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ import hashlib
 import io
 import json
 import logging
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +33,7 @@ from seeing.reporting import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the file stores its key and row counts
 
 
 @dataclass
@@ -42,8 +50,9 @@ class TallyStats:
 class Tally:
     tallies: np.ndarray  # N x K per-image class fractions (float64)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    cache: str = "off"  # "hit", "miss" or "off"
+    cache: str = "off"  # "hit", "miss", "off" or "unwritable" (tallied, but the cache folder refused it)
     path: Path | None = None
+    cache_rejected: str | None = None  # why a cache file found under the key was not used (a miss)
     stats: TallyStats = field(default_factory=TallyStats)
 
 
@@ -68,6 +77,7 @@ def tally_source(
     progress: bool = True,
     partial: Path | None = None,
     checkpoint_every: int = 500,
+    key: str | None = None,
 ) -> Tally:
     """Segment ``n`` images of ``source`` and return their class tallies.
 
@@ -75,7 +85,9 @@ def tally_source(
     of the scenes world). Unreadable images are skipped and counted, never fatal. With
     ``partial``, the tallies so far are saved there (atomically) every ``checkpoint_every``
     images, and a tally that finds that file continues after the images it holds: an
-    interrupted 10,000-image tally resumes instead of starting over.
+    interrupted 10,000-image tally resumes instead of starting over. ``key`` (see
+    :func:`cache_key`) is stored in that file, and a file saved under another key is ignored.
+    A progress file that cannot be written (full disk) is a warning, and the tally goes on.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -85,7 +97,7 @@ def tally_source(
             f"oracle segmentation needs ground-truth labels, and source {source.describe()!r} has none; "
             "use a segmenter (metric.oracle=false)"
         )
-    resumed = load_partial(partial, num_classes) if partial is not None else None
+    resumed = load_partial(partial, num_classes, key) if partial is not None else None
     # position: how many of the n source items are done (tallied or skipped)
     rows, skipped, position = ([resumed.tallies], list(resumed.skipped), resumed.position) if resumed else ([], [], 0)
     if resumed:
@@ -117,8 +129,12 @@ def tally_source(
             bar.advance(task, len(batch.images) + len(batch.skipped))
             if partial is not None and since_save >= checkpoint_every and position < n:
                 rows = [np.concatenate(rows)]  # concatenated once per save, not again from scratch
-                save_partial(partial, rows[0], skipped, position)
                 since_save = 0
+                try:
+                    save_partial(partial, rows[0], skipped, position, key)
+                except OSError as e:  # progress is a convenience: losing it must not lose the tally
+                    log.warning("cannot save tally progress (%s): going on without it", e)
+                    partial = None
     stats.total_s = time.perf_counter() - start
     tallies = np.concatenate(rows) if rows else np.zeros((0, num_classes))
     if len(source.skipped) > skipped_before:
@@ -144,8 +160,8 @@ def segmenter_identity(segmenter: torch.nn.Module | None, class_names: Sequence[
             "weights_sha256": module_fingerprint(segmenter)}
 
 
-def cache_file(cache_dir: str | Path, source: ImageSource, segmenter_id: dict, n: int, resolution: int,
-               extra_offset: int) -> Path:
+def cache_key(source: ImageSource, segmenter_id: dict, n: int, resolution: int, extra_offset: int) -> str:
+    """The JSON text a tally cache file is keyed by: its name holds a digest of it, the file the text."""
     key = {
         "format": CACHE_FORMAT,
         "source": source.identity(),
@@ -154,44 +170,103 @@ def cache_file(cache_dir: str | Path, source: ImageSource, segmenter_id: dict, n
         "resolution": int(resolution),
         "extra_offset": int(extra_offset),
     }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    return Path(cache_dir) / "fsd_tallies" / f"{source.kind}-{digest}.npz"
+    return json.dumps(key, sort_keys=True, default=str)
 
 
-def _read_npz(path: Path, what: str) -> tuple[np.ndarray, list[tuple[str, str]], int | None] | None:
-    """``(tallies, skipped, position or None)`` from a file :func:`_write_npz` wrote; None when it
-    is absent or unreadable (a damaged file is recomputed, not trusted)."""
+def cache_path(cache_dir: str | Path, kind: str, key: str) -> Path:
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return Path(cache_dir) / "fsd_tallies" / f"{kind}-{digest}.npz"
+
+
+def cache_file(cache_dir: str | Path, source: ImageSource, segmenter_id: dict, n: int, resolution: int,
+               extra_offset: int) -> Path:
+    return cache_path(cache_dir, source.kind, cache_key(source, segmenter_id, n, resolution, extra_offset))
+
+
+def _key_difference(stored: str, expected: str) -> str:
+    """Which fields of two cache keys differ, e.g. ``source.listing_sha256, n``."""
+    try:
+        a, b = json.loads(stored), json.loads(expected)
+    except ValueError:
+        return "unparseable stored key"
+    fields = []
+    for name in sorted(set(a) | set(b)):
+        x, y = a.get(name), b.get(name)
+        if isinstance(x, dict) and isinstance(y, dict):
+            fields += [f"{name}.{k}" for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
+        elif x != y:
+            fields.append(name)
+    return ", ".join(fields) or "formatting only"
+
+
+def _expected_items(key: str) -> int | None:
+    """How many source items (tallied or skipped) the tally of ``key`` reads: n, or fewer where the
+    key shows the source holds fewer (a folder's ``files``, an lmdb's ``entries``); None when the
+    key does not tell (images in memory)."""
+    k = json.loads(key)
+    source, n = k["source"], int(k["n"])
+    count = source.get("files", source.get("entries"))
+    if count is not None:
+        return max(0, min(n, int(count) - int(source.get("offset", 0)) - int(k["extra_offset"])))
+    return n if source.get("kind") in ("scenes", "generator") else None
+
+
+def _read_npz(path: Path, what: str) -> dict[str, Any] | str | None:
+    """The arrays of a file :func:`_write_npz` wrote (``tallies`` float64, ``skipped`` as tuples,
+    the rest as plain values); None when absent, the reason when unreadable."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as f:
-            position = int(f["position"]) if "position" in f.files else None
-            return (f["tallies"].astype(np.float64), [tuple(s.split("\t", 1)) for s in f["skipped"].tolist()],
-                    position)
-    except Exception as e:
-        log.warning("ignoring unreadable %s %s (%s)", what, path, e)
-        return None
+            out = {name: f[name] for name in f.files}
+        out["tallies"] = out["tallies"].astype(np.float64)
+        out["skipped"] = [tuple(s.split("\t", 1)) for s in out["skipped"].tolist()]
+        for name in ("key", "position", "rows", "items"):
+            if name in out:
+                out[name] = out[name].item()
+        return out
+    except Exception as e:  # noqa: BLE001 - a damaged file is recomputed, not trusted
+        return f"unreadable {what} ({type(e).__name__}: {e})"
 
 
-def load_cached(path: Path, num_classes: int) -> Tally | None:
+def load_cached(path: Path, num_classes: int, key: str | None = None, n: int | None = None
+                ) -> tuple[Tally | None, str | None]:
+    """``(tally, None)`` for a cache file that holds the tallies of ``key``; ``(None, why)`` for a
+    file that is there but must not be trusted (no key or another key stored, row counts that
+    disagree with the file's own record or with the number of images the key reads, at most
+    ``n``); ``(None, None)`` when there is none. ``key=None`` skips the key checks (reading a
+    cache file by hand)."""
     read = _read_npz(path, "tally cache")
-    if read is None:
-        return None
-    tallies, skipped, _ = read
+    if read is None or isinstance(read, str):
+        return None, read
+    tallies, skipped = read["tallies"], read["skipped"]
+    if key is not None and "key" not in read:
+        return None, "it stores no key (written by an older version, or not by this project)"
+    if key is not None and read["key"] != key:
+        return None, f"it was written for another key (differs in: {_key_difference(read['key'], key)})"
     if tallies.ndim != 2 or tallies.shape[1] != num_classes:
-        log.warning("ignoring tally cache %s: shape %s, expected N x %d", path, tallies.shape, num_classes)
-        return None
-    return Tally(tallies, skipped, cache="hit", path=path)
+        return None, f"its tallies have shape {tallies.shape}, expected N x {num_classes}"
+    rows, items = read.get("rows"), read.get("items")
+    if rows != len(tallies) or items != len(tallies) + len(skipped) or (n is not None and items > n):
+        return None, (f"it holds {len(tallies)} tallies and {len(skipped)} skipped images but records "
+                      f"rows={rows}, items={items}" + (f" for n={n}" if n is not None else ""))
+    expected = _expected_items(key) if key is not None else None
+    if expected is not None and items != expected:
+        return None, f"it holds {items} images (tallied or skipped) where this key reads {expected}"
+    return Tally(tallies, skipped, cache="hit", path=path), None
 
 
-def _write_npz(path: Path, tallies: np.ndarray, skipped: Sequence[tuple[str, str]], **extra: Any) -> None:
+def _write_npz(path: Path, tallies: np.ndarray, skipped: Sequence[tuple[str, str]], key: str | None,
+               **extra: Any) -> None:
     buf = io.BytesIO()
-    np.savez(buf, tallies=tallies, skipped=np.array(["\t".join(s) for s in skipped], dtype=str), **extra)
+    arrays = {"key": np.array(key)} if key is not None else {}
+    np.savez(buf, tallies=tallies, skipped=np.array(["\t".join(s) for s in skipped], dtype=str), **arrays, **extra)
     write_bytes_atomic(path, buf.getvalue())  # a killed run never leaves half a file
 
 
-def save_cached(path: Path, tally: Tally) -> None:
-    _write_npz(path, tally.tallies, tally.skipped)
+def save_cached(path: Path, tally: Tally, key: str) -> None:
+    rows = len(tally.tallies)
+    _write_npz(path, tally.tallies, tally.skipped, key, rows=np.array(rows), items=np.array(rows + len(tally.skipped)))
 
 
 @dataclass
@@ -206,21 +281,55 @@ def partial_file(path: Path) -> Path:
     return path.with_name(path.stem + ".partial.npz")
 
 
-def save_partial(path: Path, tallies: np.ndarray, skipped: Sequence[tuple[str, str]], position: int) -> None:
-    _write_npz(path, tallies, skipped, position=np.array(position))
+def save_partial(path: Path, tallies: np.ndarray, skipped: Sequence[tuple[str, str]], position: int,
+                 key: str | None = None) -> None:
+    _write_npz(path, tallies, skipped, key, position=np.array(position))
 
 
-def load_partial(path: Path, num_classes: int) -> PartialTally | None:
-    read = _read_npz(path, "partial tally")  # unreadable: the tally starts over
+def load_partial(path: Path, num_classes: int, key: str | None = None) -> PartialTally | None:
+    """Saved progress, or None (absent, unreadable, inconsistent, or saved under another ``key``:
+    the tally starts over)."""
+    read = _read_npz(path, "partial tally")
     if read is None:
         return None
-    tallies, skipped, position = read
+    if isinstance(read, str):
+        log.warning("ignoring %s: %s", path, read)
+        return None
+    tallies, skipped, position = read["tallies"], read["skipped"], read.get("position")
+    if key is not None and read.get("key") != key:
+        log.warning("ignoring partial tally %s: saved for another key (%s)", path,
+                    _key_difference(read["key"], key) if "key" in read else "it stores none")
+        return None
     if (position is None or tallies.ndim != 2 or tallies.shape[1] != num_classes
             or len(tallies) + len(skipped) != position):
         log.warning("ignoring partial tally %s: %s tallies, %d skipped, position %s", path, tallies.shape,
                     len(skipped), position)
         return None
     return PartialTally(tallies, skipped, position)
+
+
+_WARNED_UNWRITABLE: set[str] = set()
+
+
+def cache_dir_problem(folder: Path) -> str | None:
+    """Why files cannot be written in ``folder`` (created if missing), or None when they can: a
+    temporary file is created and removed, before any long work depends on it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _warn_unwritable(folder: Path, why: str) -> None:
+    if str(folder) not in _WARNED_UNWRITABLE:
+        _WARNED_UNWRITABLE.add(str(folder))
+        log.warning("tally cache folder %s cannot be written (%s): tallies are computed but not cached; "
+                    "make it writable or set paths.cache_dir to a writable folder (metric.cache=false "
+                    "turns the cache off)", folder, why)
 
 
 def cached_tally(
@@ -238,18 +347,36 @@ def cached_tally(
     progress: bool = True,
     checkpoint_every: int = 500,
 ) -> Tally:
-    path = cache_file(cache_dir, source, segmenter_id, n, resolution, extra_offset) if cache_dir else None
-    if path is not None:
-        hit = load_cached(path, num_classes)
-        if hit is not None:
-            log.info("%s: read %d cached tallies from %s", description or source.describe(), len(hit.tallies), path)
-            return hit
-    partial = partial_file(path) if path is not None else None
+    if not cache_dir:
+        return tally_source(source, segmenter, num_classes, n, batch_size, resolution, device, extra_offset,
+                            description, progress, checkpoint_every=checkpoint_every)
+    what = description or source.describe()
+    key = cache_key(source, segmenter_id, n, resolution, extra_offset)
+    path = cache_path(cache_dir, source.kind, key)
+    hit, rejected = load_cached(path, num_classes, key, n)
+    if hit is not None:
+        log.info("%s: read %d cached tallies from %s", what, len(hit.tallies), path)
+        return hit
+    if rejected:
+        log.warning("%s: not using tally cache %s: %s; tallying again and overwriting it", what, path, rejected)
+    problem = cache_dir_problem(path.parent)
+    if problem is not None:  # found before the long work, which then runs uncached
+        _warn_unwritable(path.parent, problem)
+        tally = tally_source(source, segmenter, num_classes, n, batch_size, resolution, device, extra_offset,
+                             description, progress, checkpoint_every=checkpoint_every)
+        tally.cache, tally.cache_rejected = "unwritable", rejected
+        return tally
+    partial = partial_file(path)
     tally = tally_source(source, segmenter, num_classes, n, batch_size, resolution, device, extra_offset,
-                         description, progress, partial=partial, checkpoint_every=checkpoint_every)
-    if path is not None:
-        save_cached(path, tally)
-        partial.unlink(missing_ok=True)
-        tally.cache, tally.path = "miss", path
-        log.info("%s: tallied %d images, cached in %s", description or source.describe(), len(tally.tallies), path)
+                         description, progress, partial=partial, checkpoint_every=checkpoint_every, key=key)
+    tally.cache_rejected = rejected
+    try:
+        save_cached(path, tally, key)
+    except OSError as e:  # e.g. the disk filled up during the tally: keep the result, report the file
+        log.warning("%s: tallied %d images but could not cache them: %s", what, len(tally.tallies), e)
+        tally.cache = "unwritable"
+        return tally
+    partial.unlink(missing_ok=True)
+    tally.cache, tally.path = "miss", path
+    log.info("%s: tallied %d images, cached in %s", what, len(tally.tallies), path)
     return tally
