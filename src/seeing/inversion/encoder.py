@@ -10,6 +10,11 @@ output reaches r_n's resolution (``stages="auto"``: a 64x64 GAN inverted at 8x8
 keeps conv1..layer2), or, when a fixed number of stages is asked for, the stride-2
 convs of the extra stages become stride 1. Sizes that no power-of-two stride
 reaches are pooled/resampled to r_n's size at the end.
+
+Two heads (``EncoderSpec.architecture``): ``"seeing"`` (this project's) is 1x1 conv,
+leaky ReLU, 1x1 conv; ``"ganseeing"`` is the paper's released encoder, whose trunk
+ends in a single 1x1 conv straight to r_n's channels followed by a leaky ReLU (slope
+0.2), so that its output resembles the generator's post-activation features.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from torchvision.models import resnet18
 RESNET_STAGE_CHANNELS = (64, 128, 256, 512)
 # output stride after conv1+maxpool and after each of layer1..layer4
 RESNET_STAGE_STRIDES = (4, 8, 16, 32)
+ENCODER_ARCHITECTURES = ("seeing", "ganseeing")
 
 
 @dataclass(frozen=True)
@@ -31,19 +37,27 @@ class EncoderSpec:
     out_shape: tuple[int, int, int]  # r_n without batch: (C, H, W)
     target: str  # the name of the generator layer r_n comes from
     stages: int  # how many of ResNet-18's four stages the trunk keeps
-    head_channels: int
+    head_channels: int  # "ganseeing": the head has no hidden layer, this is r_n's channels
+    architecture: str = "seeing"  # "seeing" or "ganseeing" (the paper's released encoder)
+
+    def __post_init__(self):
+        if self.architecture not in ENCODER_ARCHITECTURES:
+            raise ValueError(f"unknown image-encoder architecture {self.architecture!r}; "
+                             f"known: {', '.join(ENCODER_ARCHITECTURES)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "EncoderSpec":
+        # files written before the architecture option hold none: they are "seeing" files
         return cls(image_size=int(d["image_size"]), out_shape=tuple(d["out_shape"]), target=d["target"],
-                   stages=int(d["stages"]), head_channels=int(d["head_channels"]))
+                   stages=int(d["stages"]), head_channels=int(d["head_channels"]),
+                   architecture=str(d.get("architecture", "seeing")))
 
 
 def encoder_spec(image_size: int, out_shape: tuple[int, ...], target: str, stages: int | str = "auto",
-                 head_channels: int | None = None) -> EncoderSpec:
+                 head_channels: int | None = None, architecture: str = "seeing") -> EncoderSpec:
     if len(out_shape) != 3:
         raise ValueError(f"the image encoder predicts a (C, H, W) map; {target} has shape {out_shape}")
     if stages == "auto":
@@ -54,9 +68,15 @@ def encoder_spec(image_size: int, out_shape: tuple[int, ...], target: str, stage
     stages = int(stages)
     if not 1 <= stages <= 4:
         raise ValueError(f"ResNet-18 has 4 stages; cannot keep {stages}")
-    head = head_channels or max(RESNET_STAGE_CHANNELS[stages - 1], out_shape[0])
+    if architecture == "ganseeing":
+        if head_channels and head_channels != out_shape[0]:
+            raise ValueError(f"the ganseeing head has no hidden layer: head_channels={head_channels} "
+                             f"cannot be honoured ({target} has {out_shape[0]} channels)")
+        head = out_shape[0]
+    else:
+        head = head_channels or max(RESNET_STAGE_CHANNELS[stages - 1], out_shape[0])
     return EncoderSpec(image_size=int(image_size), out_shape=tuple(int(s) for s in out_shape), target=target,
-                       stages=stages, head_channels=int(head))
+                       stages=stages, head_channels=int(head), architecture=architecture)
 
 
 def _set_stride_one(stage: nn.Module) -> None:
@@ -84,11 +104,18 @@ class ImageEncoder(nn.Module):
             _set_stride_one(stage)
             stride //= 2
         self.trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, *kept)
-        self.head = nn.Sequential(
-            nn.Conv2d(RESNET_STAGE_CHANNELS[spec.stages - 1], spec.head_channels, 1),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(spec.head_channels, c, 1),
-        )
+        trunk_channels = RESNET_STAGE_CHANNELS[spec.stages - 1]
+        if spec.architecture == "ganseeing":
+            if spec.head_channels != c:
+                raise ValueError(f"the ganseeing head maps straight to {c} channels; head_channels is "
+                                 f"{spec.head_channels}")
+            self.head = nn.Sequential(nn.Conv2d(trunk_channels, c, 1), nn.LeakyReLU(0.2))
+        else:
+            self.head = nn.Sequential(
+                nn.Conv2d(trunk_channels, spec.head_channels, 1),
+                nn.LeakyReLU(0.2),
+                nn.Conv2d(spec.head_channels, c, 1),
+            )
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         y = self.head(self.trunk(image))
