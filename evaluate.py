@@ -1,5 +1,7 @@
 """Evaluate: `python evaluate.py metric=fsd`, `metric=reconstruction`, `metric=ablation`, ..."""
 import hydra
+
+import seeing.config  # noqa: F401 - registers the resolvers the YAML files use
 from omegaconf import DictConfig
 
 from seeing.pipeline import evaluate

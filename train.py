@@ -1,5 +1,7 @@
 """Train one stage: `python train.py stage=layer3 model=progan model.checkpoint=/path.pth`."""
 import hydra
+
+import seeing.config  # noqa: F401 - registers the resolvers the YAML files use
 from omegaconf import DictConfig
 
 from seeing.pipeline import train

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+import seeing.config  # noqa: F401 - registers the resolvers the YAML files use
+
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -19,9 +21,8 @@ os.environ.setdefault("WANDB_DISABLE_GIT", "true")
 # or model summary.
 QUICK_TRAIN = [
     "logger=csv",
-    "callbacks.progress=null",
     "trainer.enable_progress_bar=false",
-    "+stage.trainer.enable_model_summary=false",
+    "trainer.enable_model_summary=false",
 ]
 
 

@@ -30,8 +30,8 @@ TINY = [
     "callbacks.progress=null",
     "trainer.enable_progress_bar=false",
     "trainer.log_every_n_steps=1",
-    "stage.module.num_samples=4",
-    "stage.module.sample_every=2",
+    "stage.num_samples=4",
+    "stage.sample_every=2",
     "callbacks.checkpoint.every_n_train_steps=2",
 ]
 
@@ -68,10 +68,10 @@ def test_critic_scores_one_value_per_image_and_checks_resolution():
 
 # ----------------------------------------------------------------------------- the stage
 def test_gan_stage_trains_exports_and_resumes(compose):
-    cfg = compose("train", ["stage=gan", *TINY, "stage.trainer.max_steps=4"])
+    cfg = compose("train", ["stage=gan", *TINY, "trainer.max_steps=4"])
     run_dir = Path(cfg.output_dir)
     pl.seed_everything(cfg.seed)
-    initial = hydra.utils.instantiate(cfg.stage.module.generator).state_dict()
+    initial = hydra.utils.instantiate(cfg.stage.generator).state_dict()
     train(cfg)
 
     rows = _metrics(run_dir)
@@ -91,7 +91,7 @@ def test_gan_stage_trains_exports_and_resumes(compose):
 
     # resume: the step counters (and training clock) continue from the last checkpoint
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-    cfg2 = compose("train", ["stage=gan", *TINY, "stage.trainer.max_steps=8", "ckpt_path=last"])
+    cfg2 = compose("train", ["stage=gan", *TINY, "trainer.max_steps=8", "ckpt_path=last"])
     train(cfg2)
     second = load_generator(run_dir / "generator.pt")
     assert second.checkpoint_meta["generator_steps"] == 4 and second.checkpoint_meta["critic_steps"] == 4

@@ -30,12 +30,12 @@ from conftest import QUICK_TRAIN
 LAYERS = ["layer1", "layer2", "layer3", "layer4"]
 # fast CPU runs: no progress bar, CSV logs, a couple of steps, a tiny held-out set
 QUICK = QUICK_TRAIN + [
-    "+stage.trainer.num_sanity_val_steps=0",
-    "stage.trainer.max_steps=4",
-    "stage.trainer.val_check_interval=4",
-    "stage.module.batch_size=8",
-    "stage.module.val_size=8",
-    "stage.module.val_batch_size=8",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=4",
+    "stage.batch_size=8",
+    "stage.val_size=8",
+    "stage.val_batch_size=8",
 ]
 
 
@@ -104,14 +104,14 @@ def test_image_encoder_reaches_r_n_resolution(image_size, out_hw, stages):
 def _module(compose, stage: str, overrides: list[str]):
     cfg = compose("train", [f"stage={stage}", *overrides])
     try:
-        return cfg, hydra.utils.instantiate(cfg.stage.module)
+        return cfg, hydra.utils.instantiate(cfg.stage)
     except hydra.errors.InstantiationException as err:
         raise err.__cause__ from None  # what the stage itself raised
 
 
 @pytest.mark.parametrize("stage", ["layer1", "layer3", "encoder"])
 def test_stage_loss_falls_on_a_fixed_batch(compose, tiny_progan_file, tmp_path, stage):
-    _, module = _module(compose, stage, tiny(tiny_progan_file) + ["stage.module.lr_decay=none"])
+    _, module = _module(compose, stage, tiny(tiny_progan_file) + ["stage.lr_decay=none"])
     z = module.generator.sample_z(8, seed=123)
     module.eval()
     with torch.no_grad():
@@ -160,7 +160,7 @@ def test_all_stages_train_export_and_assemble_into_the_hybrid(compose, tiny_prog
         assert torch.equal(v, trained[k]), k
     assert not torch.equal(trained["inverters.layer3.net.conv1.weight"], layer3.net.conv1.weight)
     # rescoring the exported file on the held-out latents reproduces the scores it records
-    _, rescored = _module(compose, "hybrid", tiny(tiny_progan_file) + [f"stage.module.hybrid_file={hybrid_file}"])
+    _, rescored = _module(compose, "hybrid", tiny(tiny_progan_file) + [f"stage.hybrid_file={hybrid_file}"])
     scores = rescored.heldout_scores()
     for k, v in scores.items():
         assert v == pytest.approx(encoder.meta["heldout"][k], rel=1e-5, abs=1e-6), k
@@ -179,11 +179,11 @@ def test_all_stages_train_export_and_assemble_into_the_hybrid(compose, tiny_prog
     (runs / "layer2" / "layer2.pt").rename(tmp_path / "elsewhere.pt")
     with pytest.raises(FileNotFoundError, match="stage=layer2"):
         _module(compose, "hybrid", tiny(tiny_progan_file))
-    _module(compose, "hybrid", tiny(tiny_progan_file) + [f"+stage.module.stage_files.layer2={tmp_path}/elsewhere.pt"])
+    _module(compose, "hybrid", tiny(tiny_progan_file) + [f"+stage.stage_files.layer2={tmp_path}/elsewhere.pt"])
     with pytest.raises(ValueError, match="holds a 'inverter', expected a 'encoder'"):
         _module(compose, "hybrid", tiny(tiny_progan_file)
-                + [f"+stage.module.stage_files.layer2={tmp_path}/elsewhere.pt",
-                   f"+stage.module.stage_files.encoder={tmp_path}/elsewhere.pt"])
+                + [f"+stage.stage_files.layer2={tmp_path}/elsewhere.pt",
+                   f"+stage.stage_files.encoder={tmp_path}/elsewhere.pt"])
 
 
 def test_hybrid_real_image_term_trains_the_encoder_on_real_pixels(compose, tiny_progan_file, tmp_path):
@@ -193,15 +193,15 @@ def test_hybrid_real_image_term_trains_the_encoder_on_real_pixels(compose, tiny_
 
     torch.manual_seed(0)
     hybrid_file = torch_save_atomic(new_hybrid_encoder(generator, LAYERS).to_file_dict(), tmp_path / "h.pt")
-    base = tiny(tiny_progan_file) + [f"stage.module.hybrid_file={hybrid_file}", "stage.module.lr_decay=none"]
+    base = tiny(tiny_progan_file) + [f"stage.hybrid_file={hybrid_file}", "stage.lr_decay=none"]
     with pytest.raises(ValueError, match=r"real_source"):
-        _module(compose, "hybrid", base + ["stage.module.weights.real_pixel=1"])
+        _module(compose, "hybrid", base + ["stage.weights.real_pixel=1"])
     with pytest.raises(ValueError, match="inside the training pool"):
-        _module(compose, "hybrid", base + ["+real@stage.module.real_source=scenes", "stage.module.real_pool=100",
-                                           "stage.module.real_val_offset=50"])
+        _module(compose, "hybrid", base + ["+real=scenes", "stage.real_pool=100",
+                                           "stage.real_val_offset=50"])
 
-    real = ["+real@stage.module.real_source=scenes", "stage.module.real_batch_size=8", "stage.module.real_val_size=8"]
-    _, module = _module(compose, "hybrid", base + real + ["stage.module.real_pool=12"])
+    real = ["+real=scenes", "stage.real_batch_size=8", "stage.real_val_size=8"]
+    _, module = _module(compose, "hybrid", base + real + ["stage.real_pool=12"])
     source = module.real_images.source
     take = lambda n, start: next(source.batches(n, n, 16, extra_offset=start)).images  # noqa: E731
     # batch k is images [8k, 8k + 8) modulo the pool: step 1 wraps from image 8 to image 0
@@ -212,9 +212,9 @@ def test_hybrid_real_image_term_trains_the_encoder_on_real_pixels(compose, tiny_
 
     # only the real term, on one fixed batch (pool = batch): its L1 falls as the encoder trains
     _, module = _module(compose, "hybrid", base + real + [
-        "stage.module.real_pool=8", "stage.module.weights.real_pixel=1", "stage.module.weights.r_n=0",
-        "stage.module.weights.z=0", "stage.module.weights.regen=0", "stage.module.weights.pixel=0",
-        "stage.module.lr=2e-3"])
+        "stage.real_pool=8", "stage.weights.real_pixel=1", "stage.weights.r_n=0",
+        "stage.weights.z=0", "stage.weights.regen=0", "stage.weights.pixel=0",
+        "stage.lr=2e-3"])
     batch = module.real_images.train_batch(0)
     module.eval()
     with torch.no_grad():
@@ -238,16 +238,16 @@ def test_half_export_records_the_scores_of_the_half_file(compose, tiny_progan_fi
     generator = load_generator(tiny_progan_file)
     torch.manual_seed(0)
     start = torch_save_atomic(new_hybrid_encoder(generator, LAYERS).to_file_dict(), tmp_path / "start.pt")
-    cfg = compose("train", ["stage=hybrid", *tiny(tiny_progan_file), f"stage.module.hybrid_file={start}",
-                            "stage.module.export_half=true", "stage.module.val_size=32"])
+    cfg = compose("train", ["stage=hybrid", *tiny(tiny_progan_file), f"stage.hybrid_file={start}",
+                            "stage.export_half=true", "stage.val_size=32"])
     train(cfg)
     exported = Path(cfg.output_dir) / "hybrid.pt"
     obj = read_inversion_file(exported, "hybrid")
     assert all(v.dtype == torch.float16 for v in obj["encoder"]["state_dict"].values() if v.is_floating_point())
     meta = obj["meta"]
     assert meta["started_from"]["file"] == str(start) and meta["steps"] == 4
-    _, rescored = _module(compose, "hybrid", tiny(tiny_progan_file) + [f"stage.module.hybrid_file={exported}",
-                                                                        "stage.module.val_size=32"])
+    _, rescored = _module(compose, "hybrid", tiny(tiny_progan_file) + [f"stage.hybrid_file={exported}",
+                                                                        "stage.val_size=32"])
     for k, v in rescored.heldout_scores().items():
         assert v == pytest.approx(meta["heldout"][k], rel=1e-6, abs=1e-7), k
 
@@ -256,14 +256,14 @@ def test_half_export_records_the_scores_of_the_half_file(compose, tiny_progan_fi
 def test_layer_stage_continues_an_inverter_file(compose, tiny_progan_file, tmp_path):
     """inverter_file: 0 steps with export_half rewrites the file in float16 with the scores of the
     rounded weights and where it came from; a file of another layer is refused."""
-    cfg = compose("train", ["stage=layer2", *tiny(tiny_progan_file), "stage.module.val_size=32"])
+    cfg = compose("train", ["stage=layer2", *tiny(tiny_progan_file), "stage.val_size=32"])
     train(cfg)
     trained = Path(cfg.output_dir) / "layer2.pt"
     weights = read_inversion_file(trained, "inverter")["inverters"]["layer2"]["state_dict"]
     out = tmp_path / "half"
-    cfg = compose("train", ["stage=layer2", *tiny(tiny_progan_file), "stage.module.val_size=32",
-                            f"stage.module.inverter_file={trained}", "stage.module.export_half=true",
-                            "stage.trainer.max_steps=0", f"output_dir={out}"])
+    cfg = compose("train", ["stage=layer2", *tiny(tiny_progan_file), "stage.val_size=32",
+                            f"stage.inverter_file={trained}", "stage.export_half=true",
+                            "trainer.max_steps=0", f"output_dir={out}"])
     train(cfg)
     obj = read_inversion_file(out / "layer2.pt", "inverter")
     state = obj["inverters"]["layer2"]["state_dict"]
@@ -272,22 +272,22 @@ def test_layer_stage_continues_an_inverter_file(compose, tiny_progan_file, tmp_p
     meta = obj["meta"]
     assert meta["started_from"]["file"] == str(trained) and meta["started_from"]["steps"] == 4 and meta["steps"] == 0
     _, rescored = _module(compose, "layer2", tiny(tiny_progan_file) + [
-        f"stage.module.inverter_file={out / 'layer2.pt'}", "stage.module.val_size=32"])
+        f"stage.inverter_file={out / 'layer2.pt'}", "stage.val_size=32"])
     for k, v in rescored.heldout_scores().items():
         assert v == pytest.approx(meta["heldout"][k], rel=1e-6, abs=1e-7), k
     with pytest.raises(ValueError, match="not 'layer3'"):
-        _module(compose, "layer3", tiny(tiny_progan_file) + [f"stage.module.inverter_file={trained}"])
+        _module(compose, "layer3", tiny(tiny_progan_file) + [f"stage.inverter_file={trained}"])
 def test_checkpoint_resume_continues_training_and_stream(compose, tiny_progan_file, tmp_path):
     base = tiny(tiny_progan_file) + ["stage=layer2", "callbacks.checkpoint.every_n_train_steps=3"]
-    train(compose("train", base + ["stage.trainer.max_steps=3"]))
+    train(compose("train", base + ["trainer.max_steps=3"]))
     last = tmp_path / "runs" / "scenes_progan" / "layer2" / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 3
     assert not any(k.startswith("generator.") for k in ckpt["state_dict"]), "frozen generator stored"
     saved = {k.removeprefix("inverter."): v for k, v in ckpt["state_dict"].items() if k.startswith("inverter.")}
 
-    cfg = compose("train", base + ["stage.trainer.max_steps=5", "ckpt_path=last"])
-    module = hydra.utils.instantiate(cfg.stage.module)
+    cfg = compose("train", base + ["trainer.max_steps=5", "ckpt_path=last"])
+    module = hydra.utils.instantiate(cfg.stage)
     seen: list[int] = []
 
     class Probe(pl.Callback):
@@ -357,9 +357,9 @@ def tiny_wgangp_file(tmp_path_factory) -> Path:
 def test_layer_stages_run_for_every_zoo_layout(compose, tmp_path, tiny_wgangp_file, model, checkpoint):
     """The same stage code on tiny random weights of each layout (the 256px fixtures)."""
     path = FIXTURE_CKPTS / checkpoint if checkpoint else tiny_wgangp_file
-    overrides = [f"model={model}", f"model.checkpoint={path}", *QUICK, "stage.trainer.max_steps=2",
-                 "stage.trainer.val_check_interval=2", "stage.module.batch_size=2", "stage.module.val_size=2",
-                 "stage.module.grid_size=2"]
+    overrides = [f"model={model}", f"model.checkpoint={path}", *QUICK, "trainer.max_steps=2",
+                 "trainer.val_check_interval=2", "stage.batch_size=2", "stage.val_size=2",
+                 "stage.grid_size=2"]
     # stage layer1 through the real entry point: its inverter predicts the latent (z, or w+)
     metrics = train(compose("train", ["stage=layer1", *overrides]))
     out = tmp_path / "runs" / model / "layer1" / "layer1.pt"
@@ -382,7 +382,7 @@ def test_layer_stages_run_for_every_zoo_layout(compose, tmp_path, tiny_wgangp_fi
         stage_files[f"layer{n}"] = str(module.export(tmp_path / f"layer{n}"))
     _, module = _module(compose, "encoder", overrides)
     stage_files["encoder"] = str(module.export(tmp_path / "encoder"))
-    _, hybrid = _module(compose, "hybrid", overrides + [f"+stage.module.stage_files.{k}={v}"
+    _, hybrid = _module(compose, "hybrid", overrides + [f"+stage.stage_files.{k}={v}"
                                                          for k, v in stage_files.items()])
     terms = hybrid.losses(z)
     terms["loss"].backward()

@@ -8,7 +8,7 @@ from seeing.pipeline import resolve_ckpt_path, train
 
 def test_stage_outputs_follow_the_run_root_convention(compose, tmp_path):
     cfg = compose("train", ["stage=segmenter", "logger=csv"])
-    assert Path(cfg.output_dir) == tmp_path / "runs" / cfg.group / cfg.stage.out_name
+    assert Path(cfg.output_dir) == tmp_path / "runs" / cfg.model.id / cfg.stage.name
 
 
 def test_wandb_logger_is_offline_by_default(compose):

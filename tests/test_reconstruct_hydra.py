@@ -20,7 +20,7 @@ from conftest import QUICK_TRAIN
 
 LAYERS = ["layer1", "layer2", "layer3", "layer4"]
 QUICK = QUICK_TRAIN
-RECON = ["stage=reconstruct", "stage.module.steps=3", "stage.targets.count=3", "stage.module.batch_size=2"]
+RECON = ["stage=reconstruct", "stage.steps=3", "stage.targets.count=3", "stage.batch_size=2"]
 
 
 @pytest.fixture(scope="module")
@@ -41,20 +41,22 @@ def files(tmp_path_factory):
 
 
 def test_every_variant_runs_and_the_ablation_reports_them(compose, files, tmp_path):
-    runs = tmp_path / "runs" / "scenes_progan"
+    # outputs are keyed by the model and its checkpoint file
+    runs = tmp_path / "runs" / "scenes_progan-tiny_progan"
     model = [f"model.checkpoint={files['generator']}"]
     # the hybrid encoder is found by convention; variants b, c need the direct encoder first
     (runs / "hybrid").mkdir(parents=True)
     (runs / "hybrid" / "hybrid.pt").write_bytes(files["hybrid"].read_bytes())
     # (Hydra wraps the FileNotFoundError raised while building the stage module)
     with pytest.raises((FileNotFoundError, InstantiationException),
-                       match=r"python train\.py model=scenes_progan stage=direct_encoder"):
+                       match=r"python train\.py model=scenes_progan model\.checkpoint=\S*tiny_progan\.pt \S+ "
+                             r"stage=direct_encoder"):
         train(compose("train", [*RECON, "variant=b", *QUICK, *model]))
 
-    metrics = train(compose("train", ["stage=direct_encoder", "stage.trainer.max_steps=2",
-                                      "stage.trainer.val_check_interval=2", "+stage.trainer.num_sanity_val_steps=0",
-                                      "stage.module.batch_size=4", "stage.module.val_size=4",
-                                      "stage.module.val_batch_size=4", *QUICK, *model]))
+    metrics = train(compose("train", ["stage=direct_encoder", "trainer.max_steps=2",
+                                      "trainer.val_check_interval=2", "trainer.num_sanity_val_steps=0",
+                                      "stage.batch_size=4", "stage.val_size=4",
+                                      "stage.val_batch_size=4", *QUICK, *model]))
     assert "val/corr_z" in metrics
     direct = load_direct_encoder(runs / "direct_encoder" / "direct_encoder.pt", load_generator(files["generator"]))
     z = direct(torch.rand(2, 3, 16, 16) * 2 - 1)
@@ -174,16 +176,18 @@ def test_equivalent_steps_finds_where_an_optimiser_catches_up_with_one_pass():
 
 
 def test_reconstruction_report_runs_here_and_fails_clearly_without_encoder(compose, files, tmp_path, monkeypatch):
-    import seeing.reconstruct.stage as stage
+    from seeing.assets import asset
 
     # the shipped hybrid fits the shipped GAN only: a tiny generator needs its own encoder
     with pytest.raises(ValueError, match=r"trained for another model.*stage=hybrid"):
         evaluate(compose("evaluate", ["metric=reconstruction", f"model.checkpoint={files['generator']}",
+                                      f"stage.hybrid_file={asset('scenes_progan_hybrid.pt')}",
                                       f"segmenter.path={files['segmenter']}", "logger=csv"]))
-    monkeypatch.setattr(stage, "ASSETS", tmp_path / "no_assets")  # a checkout without shipped encoders
     model = [f"model.checkpoint={files['generator']}", f"segmenter.path={files['segmenter']}", "logger=csv",
-             "metric.reconstruct.steps=4", "metric.reconstruct.targets.count=3", "metric.progress=false"]
-    with pytest.raises(FileNotFoundError, match=r"stage=hybrid"):
+             "stage.steps=4", "stage.targets.count=3", "trainer.enable_progress_bar=false"]
+    # nor is the shipped encoder looked for under another model's name: the command says what to run
+    with pytest.raises(FileNotFoundError, match=r"python train\.py model=scenes_progan model\.checkpoint=\S+ \S+ "
+                                                r"stage=hybrid`"):
         evaluate(compose("evaluate", ["metric=reconstruction", *model]))
     # every missing file in one error, each with the command that makes it
     with pytest.raises(FileNotFoundError) as missing:
@@ -192,7 +196,7 @@ def test_reconstruction_report_runs_here_and_fails_clearly_without_encoder(compo
     for needed in ["/nonexistent/gen.pt", "python train.py stage=gan", "/nonexistent/seg.pt",
                    "python train.py stage=segmenter data=scenes", "stage=hybrid"]:
         assert needed in str(missing.value), needed
-    cfg = compose("evaluate", ["metric=reconstruction", f"metric.reconstruct.hybrid_path={files['hybrid']}", *model])
+    cfg = compose("evaluate", ["metric=reconstruction", f"stage.hybrid_file={files['hybrid']}", *model])
     report = evaluate(cfg)
     out = Path(cfg.output_dir)
     for name in ["reconstruction.json", "missing_classes.csv", "missing_classes.md", "iou_per_class.csv",

@@ -328,7 +328,7 @@ def test_segmenter_stage_trains_and_exports(compose, tmp_path):
     cfg = compose("train", [
         "stage=segmenter", "data=scenes", "logger=csv", "~callbacks.progress", "+trainer.fast_dev_run=2",
         "data.train_length=32", "data.val_length=8", "data.test_length=8", "data.batch_size=4",
-        "stage.module.widths=[8,16]",
+        "stage.widths=[8,16]",
     ])
     metrics = train(cfg)
     out = Path(cfg.output_dir)
@@ -349,8 +349,8 @@ def test_segmenter_stage_resumes_from_last_checkpoint(compose):
 
     common = ["stage=segmenter", "data=scenes", "logger=csv", "~callbacks.progress",
               "callbacks.checkpoint.every_n_train_steps=1", "data.train_length=16", "data.val_length=4",
-              "data.test_length=4", "data.batch_size=4", "stage.module.widths=[4,8]", "stage.module.figure_images=0",
-              "stage.trainer.max_steps=2"]
+              "data.test_length=4", "data.batch_size=4", "stage.widths=[4,8]", "stage.figure_images=0",
+              "trainer.max_steps=2"]
     cfg = compose("train", common + ["seed=0"])
     train(cfg)
     out = Path(cfg.output_dir)

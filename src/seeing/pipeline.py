@@ -18,6 +18,9 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from seeing.config import check_config, instantiate
+from seeing.stages.trainer import build_trainer
+
 log = logging.getLogger(__name__)
 
 
@@ -45,29 +48,6 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return str(ckpt)
 
 
-def check_required(cfg: DictConfig) -> None:
-    """Fail before anything is built when a mandatory (``???``) setting is unset, naming the
-    override to add (Hydra would otherwise report the first interpolation that reads it)."""
-    missing = sorted(_missing_keys(OmegaConf.to_container(cfg, resolve=False)))
-    if not missing:
-        return
-    hint = ""
-    if "model.checkpoint" in missing:
-        hint = (f" model={cfg.model.get('name', '?')} loads a local file: add model.checkpoint=/path/to/weights.pth"
-                " (conf/model/<name>.yaml lists the public files it accepts).")
-    raise ValueError(f"missing required settings: {', '.join(missing)}.{hint}")
-
-
-def _missing_keys(node: Any, prefix: str = "") -> list[str]:
-    # walks the unresolved tree: OmegaConf.missing_keys resolves interpolations and so fails on
-    # the first one that reads a missing value, which is exactly the case to explain
-    if isinstance(node, dict):
-        return [k for key, v in node.items() for k in _missing_keys(v, f"{prefix}{key}.")]
-    if isinstance(node, list):
-        return [k for i, v in enumerate(node) for k in _missing_keys(v, f"{prefix}{i}.")]
-    return [prefix[:-1]] if node == "???" else []
-
-
 def set_threads() -> None:
     """Respect SEEING_THREADS on shared CPU machines (torch otherwise takes every core)."""
     n = os.environ.get("SEEING_THREADS")
@@ -76,24 +56,24 @@ def set_threads() -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    check_required(cfg)
+    check_config(cfg, [k for k in cfg.keys() if k != "model"])
     set_threads()
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, Path(cfg.output_dir) / "config.yaml", resolve=False)
 
-    datamodule = hydra.utils.instantiate(cfg.stage.datamodule) if cfg.stage.get("datamodule") else None
-    module = hydra.utils.instantiate(cfg.stage.module)
-    callbacks = instantiate_group(cfg.get("callbacks")) + instantiate_group(cfg.stage.get("callbacks"))
+    datamodule = hydra.utils.instantiate(cfg.data) if "data" in cfg else None
+    module = instantiate(cfg.stage)
+    callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
-    trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, **(cfg.stage.get("trainer") or {})
-    )
+    trainer = build_trainer(cfg, callbacks, loggers or False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
     if hasattr(module, "export") and trainer.is_global_zero:
         path = module.export(Path(cfg.output_dir))
         log.info("exported %s", path)
+        print(f"[{cfg.stage.name}] wrote {path}")
+    print(f"[{cfg.stage.name}] outputs in {cfg.output_dir}")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     for lg in loggers:
         if hasattr(lg, "experiment") and hasattr(lg.experiment, "finish"):
@@ -101,17 +81,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def evaluate(cfg: DictConfig) -> Any:
     """Each ``metric`` config names a ``run`` function taking the whole config."""
-    check_required(cfg)
+    check_config(cfg, [k for k in cfg.keys() if k != "model"])
     set_threads()
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, Path(cfg.output_dir) / "config.yaml", resolve=False)
     run = hydra.utils.get_method(cfg.metric.run)
-    return run(cfg)
+    result = run(cfg)
+    print(f"[{cfg.metric.name}] outputs in {cfg.output_dir}")
+    return result

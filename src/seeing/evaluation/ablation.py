@@ -177,7 +177,7 @@ def comparison_figure(kind: str, results: dict[str, dict[str, Any]], path: Path,
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
     import hydra
 
-    from seeing.pipeline import resolve_device
+    from seeing.devices import resolve_device
 
     m = cfg.metric
     out_dir = Path(cfg.output_dir)
@@ -187,7 +187,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     if not found:
         raise FileNotFoundError(
             f"no reconstruction runs under {runs_dir} (looked for reconstruct_<kind>_<variant>/{RESULT_FILE}). "
-            f"Make them with `python train.py -m model={cfg.model.name} stage=reconstruct variant="
+            f"Make them with `python train.py -m {cfg.model.args} stage=reconstruct variant="
             f"{','.join(m.variants)}` (add stage.targets.kind=generated for generated targets).")
     segmenter = hydra.utils.instantiate(cfg.segmenter).to(resolve_device(cfg.get("device", "auto"))).eval()
     rows, missing_rows, by_kind, errors, curves, single, starts = [], [], {}, {}, {}, {}, {}

@@ -110,8 +110,34 @@ def _fsd(num_classes: int, real: np.ndarray, fake: np.ndarray) -> tuple[FrechetS
     return metric, {k: float(v) for k, v in metric.compute().items()}
 
 
+# FSD's image size: the paper resizes (shorter side, bilinear) and centre-crops to 256 px; the
+# embedded scenes world is drawn at 64 px and its segmenter trained there
+PAPER_RESOLUTION = 256
+SCENES_RESOLUTION = 64
+
+
+def source_world(source: ImageSource) -> str | None:
+    """"scenes" for the embedded world and for generators trained on it, else None."""
+    if source.kind == "scenes":
+        return "scenes"
+    generator = getattr(source, "generator", None)
+    return (getattr(generator, "checkpoint_meta", None) or {}).get("data")
+
+
+def fsd_resolution(setting: Any, real: ImageSource, fake: ImageSource) -> int:
+    """``metric.resolution``: a positive size, or ``auto``: 64 px when both sides are the scenes
+    world (or its GAN), else the paper's 256 px."""
+    if setting == "auto":
+        both_scenes = source_world(real) == source_world(fake) == "scenes"
+        return SCENES_RESOLUTION if both_scenes else PAPER_RESOLUTION
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting <= 0:
+        raise ValueError(f"metric.resolution={setting!r}: give a positive image size in pixels (the paper's is "
+                         f"{PAPER_RESOLUTION}) or auto")
+    return setting
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    from seeing.pipeline import resolve_device
+    from seeing.devices import resolve_device
 
     import hydra
 
@@ -137,6 +163,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     real: ImageSource = hydra.utils.instantiate(cfg.real)
     fake: ImageSource = hydra.utils.instantiate(cfg.fake)
+    resolution = fsd_resolution(m.resolution, real, fake)
+    log.info("FSD at %d px, %d images a side", resolution, int(m.n))
     seg_id = segmenter_identity(segmenter, class_names)
     common = dict(
         segmenter=segmenter,
@@ -144,7 +172,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         num_classes=num_classes,
         n=int(m.n),
         batch_size=int(m.batch_size),
-        resolution=int(m.resolution),
+        resolution=resolution,
         device=device,
         cache_dir=cfg.paths.cache_dir if m.get("cache", True) else None,
         progress=bool(m.get("progress", True)),
@@ -178,7 +206,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "fsd_real_vs_real": baseline,
         "num_classes": num_classes,
         "segmenter": "oracle (ground-truth labels)" if oracle else _segmenter_label(cfg, segmenter),
-        "resolution": int(m.resolution),
+        "resolution": resolution,
         "n": int(m.n),
         "real": _side_report(real, real_tally),
         "fake": _side_report(fake, fake_tally),

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from seeing.reconstruct.deltas import load_result
 from seeing.reconstruct.report import (MissingClasses, iou_per_class, latent_correlations, loss_curve_figure,
                                        missing_figure, rank_agreement, rank_missing)
+from seeing.stages.progress import StepProgressBar
 from seeing.reporting import WandbReport, write_csv, write_json, write_markdown_table
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ def summarize(result: Mapping[str, Any], segmenter: Any, min_fraction: float = 0
               batch_size: int = 32, perceptual: str = "none", vgg_path: str | None = None,
               min_recall: float | None = 0.2) -> dict[str, Any]:
     """Every number of one reconstruction run, plus the label maps the figure needs."""
+    from seeing.reconstruct.report import worse_than_start
+
     class_names = list(segmenter.class_names)
     k = len(class_names)
     target_labels = segment_all(segmenter, result["targets"], batch_size)
@@ -75,6 +78,8 @@ def summarize(result: Mapping[str, Any], segmenter: Any, min_fraction: float = 0
         "missing_per_image": float(stats["missing"].sum()) / max(1, int(result["targets"].shape[0])),
         # images whose loss turned non-finite: they kept their last finite corrections
         "diverged": int(result["diverged"].sum()) if "diverged" in result else 0,
+        # images the optimisation left with a larger pixel L1 than they started with (step size too large)
+        "worse_than_start": int(worse_than_start(result).sum()),
     }
     if perceptual == "vgg":
         metrics.update(perceptual_errors(result, vgg_path))
@@ -125,7 +130,7 @@ def load_parts(cfg: DictConfig, need_models: bool) -> tuple[Any, Any]:
     the job needs exists: one error lists everything missing and the commands that make it."""
     import hydra
 
-    from seeing.pipeline import resolve_device
+    from seeing.devices import resolve_device
     from seeing.reconstruct.stage import find_direct_encoder, find_hybrid
 
     problems, segmenter, generator = [], None, None
@@ -135,7 +140,7 @@ def load_parts(cfg: DictConfig, need_models: bool) -> tuple[Any, Any]:
         hint = SEGMENTER_COMMANDS.get(str(cfg.segmenter.get("name", "")))
         problems.append(_root_message(e) + (f" (made by `{hint}`)" if hint else ""))
     if need_models:
-        r = cfg.metric.reconstruct
+        r = cfg.stage
         try:
             generator = build_generator(cfg)
         except Exception as e:  # noqa: BLE001
@@ -143,9 +148,9 @@ def load_parts(cfg: DictConfig, need_models: bool) -> tuple[Any, Any]:
         init = r.variant.init
         try:
             if init == "hybrid":
-                find_hybrid(cfg.paths.run_root, cfg.model.name, r.get("hybrid_path"))
+                find_hybrid(cfg.paths.run_root, cfg.model.id, r.hybrid_file, cfg.model.args)
             elif init == "direct_encoder":
-                find_direct_encoder(cfg.paths.run_root, cfg.model.name, r.get("direct_encoder_path"))
+                find_direct_encoder(cfg.paths.run_root, cfg.model.id, r.direct_encoder_file, cfg.model.args)
         except FileNotFoundError as e:
             problems.append(str(e))
     if problems:
@@ -155,22 +160,13 @@ def load_parts(cfg: DictConfig, need_models: bool) -> tuple[Any, Any]:
 
 
 def reconstruct_here(cfg: DictConfig, out_dir: Path, generator: Any) -> dict[str, Any]:
-    """Run the reconstruct stage's optimisation in this process (no checkpoints) and export it."""
-    import pytorch_lightning as pl
+    """Run the reconstruct stage (``cfg.stage``, ``cfg.trainer``) in this process and export it."""
+    from seeing.config import instantiate
+    from seeing.stages.trainer import build_trainer
 
-    from seeing.pipeline import resolve_device
-    from seeing.reconstruct.stage import build_reconstructor
-
-    r = cfg.metric.reconstruct
-    spec = OmegaConf.to_container(r, resolve=True)
-    spec.pop("targets")
-    variant = spec.pop("variant")
-    module = build_reconstructor(generator, list(cfg.model.inversion_layers), variant, r.targets,
-                                 model_name=cfg.model.name, run_root=cfg.paths.run_root, **spec)
-    device = resolve_device(cfg.get("device", "auto"))
-    trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=-1,
-                         max_epochs=-1, logger=False, enable_checkpointing=False, enable_model_summary=False,
-                         enable_progress_bar=bool(cfg.metric.get("progress", True)))
+    module = instantiate(cfg.stage, generator=generator)
+    callbacks = [StepProgressBar()] if cfg.metric.get("progress", True) else []
+    trainer = build_trainer(cfg, callbacks, loggers=False)
     trainer.fit(module)
     module.cpu()
     module.export(out_dir / "run")

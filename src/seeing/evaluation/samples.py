@@ -88,7 +88,7 @@ def write_samples(generator, path: str | Path, n: int, seed: int, batch_size: in
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     from seeing.data.sources import instantiate_unwrapped
-    from seeing.pipeline import resolve_device
+    from seeing.devices import resolve_device
 
     m = cfg.metric
     out = Path(m.path)

@@ -59,6 +59,7 @@ class WGANGP(pl.LightningModule):
         max_nonfinite_steps: consecutive NaN/inf critic losses tolerated (each one is skipped
             and counted) before training stops with :class:`NonFiniteLossError`.
         meta: extra fields stored in the exported file's ``meta`` (e.g. the model name).
+        name: the stage's name (progress bar, logs).
     """
 
     def __init__(
@@ -76,8 +77,10 @@ class WGANGP(pl.LightningModule):
         sample_seed: int = 1234,
         max_nonfinite_steps: int = 20,
         meta: dict[str, Any] | None = None,
+        name: str = "gan",
     ):
         super().__init__()
+        self.stage_name = name
         if n_critic < 1:
             raise ValueError(f"n_critic must be >= 1, got {n_critic}")
         # Plain Python values only: checkpoints are read back with weights_only=True.

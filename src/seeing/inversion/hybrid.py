@@ -29,9 +29,10 @@ stored in half precision and are loaded as float32)::
      "encoder": {"spec": {...}, "state_dict": {...}},               # hybrid and encoder files
      "meta": {...}}
 
-Stage outputs are found by convention at ``<run_root>/<model name>/<stage>/<stage>.pt``
-(``runs/scenes_progan/layer3/layer3.pt``); :func:`locate_stage_output` says which
-command makes a missing one.
+:func:`load_hybrid_encoder` also reads the paper's released ProGAN-256 hybrid encoders
+(:mod:`seeing.inversion.ganseeing_layout`).
+
+Stage outputs are found by :mod:`seeing.stage_files` (``runs/scenes_progan/layer3/layer3.pt``).
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ from torch import nn
 from seeing.gans.layered import LATENT, LayeredGenerator
 from seeing.reporting import load_format_file, torch_save_atomic
 
+from . import ganseeing_layout
 from .encoder import EncoderSpec, ImageEncoder, encoder_spec
 from .inverters import InverterSpec, LayerInverter, check_chain, inverter_spec, probe_shapes
 from .values import batch_template, value_from_tensor
@@ -208,30 +210,63 @@ def check_against_generator(generator: LayeredGenerator, inverters: Mapping[str,
                              f"and {encoder.spec.target} is {shape}: it was trained for another model")
 
 
+def _hybrid_layouts() -> str:
+    return (f"accepted layouts: this project's {FORMAT} file of kind 'hybrid' (written by `python train.py "
+            f"model=<model> stage=hybrid`), or {ganseeing_layout.DESCRIPTION}")
+
+
+def _read_hybrid_file(path: Path) -> dict[str, Any]:
+    """The file's object (weights only), or an error naming the file and the accepted layouts."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch raises OSError, RuntimeError, UnpicklingError...
+        raise ValueError(f"{path} is not a readable hybrid encoder file ({type(err).__name__}: {err}); "
+                         f"{_hybrid_layouts()}") from err
+    if ganseeing_layout.released_state_dict(obj) is not None:
+        return obj
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        found = (f"format={obj.get('format')!r}, keys {sorted(map(str, obj))[:6]}" if isinstance(obj, dict)
+                 else type(obj).__name__)
+        raise ValueError(f"{path} is not a hybrid encoder in a known layout (found {found}); {_hybrid_layouts()}")
+    if obj.get("kind") != "hybrid":
+        raise ValueError(f"{path} holds a {obj.get('kind')!r}, expected a 'hybrid'")
+    return obj
+
+
 def load_hybrid_encoder(path: str | Path | None, generator: LayeredGenerator | None = None,
                         map_location: str | torch.device = "cpu") -> HybridEncoder:
     """A :class:`HybridEncoder` from a hybrid file, in eval mode; checked against ``generator`` if given.
 
     ``path=None`` loads the shipped encoder of the embedded scenes GAN (:data:`EMBEDDED_HYBRID`).
+    Besides this project's files, the paper's released hybrid encoders for ProGAN-256 load too
+    (see :mod:`seeing.inversion.ganseeing_layout`); their meta says ``{"layout": "ganseeing_hybrid"}``.
     """
     path = Path(path) if path else EMBEDDED_HYBRID
     if not path.is_file():
         raise FileNotFoundError(f"no hybrid encoder file at {path}: `python train.py model=<model> stage=hybrid` "
                                 f"writes <run_root>/<model>/hybrid/hybrid.pt (after stages layer1..layerN, encoder)")
-    obj = read_inversion_file(path, "hybrid")
-    inverters = {n: inverter_from_record(obj["inverters"][n]) for n in obj["layers"]}
-    encoder = encoder_from_record(obj["encoder"])
+    obj = _read_hybrid_file(path)
+    released = ganseeing_layout.released_state_dict(obj)
+    if released is not None:
+        encoder, inverters = ganseeing_layout.released_modules(released, source=str(path))
+        meta = {"layout": ganseeing_layout.LAYOUT, "file": path.name}
+    else:
+        inverters = {n: inverter_from_record(obj["inverters"][n]) for n in obj["layers"]}
+        encoder = encoder_from_record(obj["encoder"])
+        meta = dict(obj.get("meta") or {})
     if generator is not None:
         check_chain(generator, list(inverters))
         check_against_generator(generator, inverters, encoder, source=str(path))
-        trained_for = (obj.get("meta") or {}).get("generator_fingerprint")
+        trained_for = meta.get("generator_fingerprint")  # released files record none
         if trained_for and trained_for != generator_fingerprint(generator):
             msg = (f"{path} was trained for other generator weights (fingerprint {trained_for}, this "
                    f"generator {generator_fingerprint(generator)}): its estimates will be off; retrain with "
                    f"`python train.py model=<model> stage=hybrid` (after layer1..layerN and encoder)")
             log.warning(msg)
             warnings.warn(msg, stacklevel=2)
-    model = HybridEncoder(encoder, inverters, meta=obj.get("meta"))
+    model = HybridEncoder(encoder, inverters, meta=meta)
     return model.to(map_location).eval()
 
 
@@ -245,41 +280,24 @@ def new_hybrid_encoder(generator: LayeredGenerator, layers: Sequence[str], encod
     return HybridEncoder(encoder, inverters)
 
 
-# ------------------------------------------------------------------ stage outputs
-def stage_output_path(run_root: str | Path, model_name: str, stage: str) -> Path:
-    """Where stage ``stage`` of model ``model_name`` writes its file by convention."""
-    return Path(run_root) / model_name / stage / f"{stage}.pt"
-
-
-def locate_stage_output(run_root: str | Path, model_name: str, stage: str) -> Path:
-    """The conventional output of a stage, or a FileNotFoundError naming the command that makes it."""
-    path = stage_output_path(run_root, model_name, stage)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"missing the output of stage {stage!r} for model {model_name!r}: expected {path}. "
-            f"Make it with `python train.py model={model_name} stage={stage} paths.run_root={run_root}`, "
-            f"or name an existing file with `+stage.module.stage_files.{stage}=/path/to/{stage}.pt`."
-        )
-    return path
-
-
+# ------------------------------------------------------------------ from stage files
 def assemble_hybrid_encoder(generator: LayeredGenerator, layers: Sequence[str], run_root: str | Path,
-                            model_name: str, stage_files: Mapping[str, str | Path] | None = None) -> HybridEncoder:
+                            model_name: str, stage_files: Mapping[str, str | Path] | None = None,
+                            model_args: str = "") -> HybridEncoder:
     """E from the per-stage files: ``layer1 ... layer<n>`` inverters and the ``encoder``.
 
-    ``stage_files`` maps stage names to explicit files; the rest are found by convention.
+    ``stage_files`` maps stage names to explicit files; the rest are found by convention
+    (:func:`seeing.stage_files.find_stage_file`; ``model_args`` completes the commands its errors name).
     """
+    from seeing.stage_files import find_stage_file
+
     layers = list(layers)
     check_chain(generator, layers)
     stage_files = dict(stage_files or {})
 
     def find(stage: str) -> Path:
-        if stage_files.get(stage):
-            p = Path(stage_files[stage])
-            if not p.is_file():
-                raise FileNotFoundError(f"stage file for {stage!r} given as {p} does not exist")
-            return p
-        return locate_stage_output(run_root, model_name, stage)
+        return find_stage_file(stage, run_root, model_name, model_args or f"model={model_name}",
+                               explicit=stage_files.get(stage), option=f"+stage.stage_files.{stage}", shipped=False)
 
     inverters: dict[str, LayerInverter] = {}
     for i, name in enumerate(layers, start=1):

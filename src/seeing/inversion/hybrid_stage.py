@@ -81,12 +81,12 @@ class HybridStage(InversionStage):
     DEFAULT_WEIGHTS = {"r_n": 1.0, "z": 1.0, "regen": 1.0, "pixel": 1.0, "real_pixel": 0.0}
 
     def __init__(self, generator: LayeredGenerator, inversion_layers: Sequence[str], model_name: str,
-                 run_root: str | Path, stage_name: str = "hybrid", stage_files: Mapping[str, str] | None = None,
+                 run_root: str | Path, name: str = "hybrid", stage_files: Mapping[str, str] | None = None,
                  weights: Mapping[str, float] | None = None, hybrid_file: str | Path | None = None,
                  real_source: Any = None, real_batch_size: int = 32,
                  real_pool: int | None = None, real_val_size: int = 64, real_val_offset: int = 1_900_000,
-                 **kwargs):
-        super().__init__(generator, inversion_layers, stage_name, model_name=model_name, **kwargs)
+                 model_args: str = "", **kwargs):
+        super().__init__(generator, inversion_layers, name, model_name=model_name, **kwargs)
         unknown = set(weights or {}) - set(self.DEFAULT_WEIGHTS)
         if unknown:
             raise ValueError(f"unknown hybrid loss weights {sorted(unknown)}; known: {sorted(self.DEFAULT_WEIGHTS)}")
@@ -104,7 +104,7 @@ class HybridStage(InversionStage):
                                  f"{self.inversion_layers}")
         else:
             self.encoder = assemble_hybrid_encoder(generator, self.inversion_layers, run_root, model_name,
-                                                   dict(stage_files or {}))
+                                                   dict(stage_files or {}), model_args)
         self.target = self.inversion_layers[-1]
 
     def trained_modules(self) -> nn.Module:

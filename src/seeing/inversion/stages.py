@@ -65,7 +65,7 @@ class InversionStage(pl.LightningModule):
         generator: the frozen generator (a :class:`LayeredGenerator`).
         inversion_layers: the generator layers inverted one by one, first to last (the
             model config's ``inversion_layers``; the last is r_n, E_f's target).
-        stage_name: names the exported file ``<output_dir>/<stage_name>.pt``.
+        name: the stage's name; names the exported file ``<output_dir>/<name>.pt``.
         model_name: recorded in the exported file.
         batch_size, lr, betas, weight_decay, lr_decay ("cosine" over max_steps, or "none").
         val_size, val_batch_size, val_seed: the fixed held-out latents.
@@ -78,7 +78,7 @@ class InversionStage(pl.LightningModule):
         self,
         generator: LayeredGenerator,
         inversion_layers: Sequence[str],
-        stage_name: str,
+        name: str,
         model_name: str = "",
         batch_size: int = 32,
         lr: float = 1e-3,
@@ -108,7 +108,7 @@ class InversionStage(pl.LightningModule):
         self.inversion_layers = list(inversion_layers)
         # "z", or the layer whose output is the latent searched (``mapping`` for style-based models)
         self.latent_name = check_chain(generator, self.inversion_layers)
-        self.stage_name, self.model_name = stage_name, model_name
+        self.stage_name, self.model_name = name, model_name
         self.val_metrics = nn.ModuleDict()
         self._grid_pending = False
         # set by stages that continue an earlier file (see :meth:`record_start`)
@@ -321,13 +321,13 @@ class LayerInverterStage(InversionStage):
     """
 
     def __init__(self, generator: LayeredGenerator, inversion_layers: Sequence[str], index: int,
-                 stage_name: str | None = None, hidden_channels: int | None = None, regen_weight: float = 0.01,
+                 name: str | None = None, hidden_channels: int | None = None, regen_weight: float = 0.01,
                  inverter_file: str | Path | None = None, **kwargs):
         layers = list(inversion_layers)
         if not 1 <= int(index) <= len(layers):
             raise ValueError(f"stage layer{index}: this model inverts {len(layers)} layers ({layers}); "
                              f"choose stage=layer1 ... layer{len(layers)}")
-        super().__init__(generator, layers, stage_name or f"layer{index}", **kwargs)
+        super().__init__(generator, layers, name or f"layer{index}", **kwargs)
         self.layer = layers[int(index) - 1]
         if inverter_file:
             self.inverter = self._load_inverter(Path(inverter_file), hidden_channels)
@@ -380,9 +380,9 @@ class LayerInverterStage(InversionStage):
 class ImageEncoderStage(InversionStage):
     """``stage=encoder``: trains E_f (ResNet-18 trunk + 1x1 conv head) from G(z) to r_n with MSE."""
 
-    def __init__(self, generator: LayeredGenerator, inversion_layers: Sequence[str], stage_name: str = "encoder",
+    def __init__(self, generator: LayeredGenerator, inversion_layers: Sequence[str], name: str = "encoder",
                  trunk_stages: int | str = "auto", head_channels: int | None = None, **kwargs):
-        super().__init__(generator, inversion_layers, stage_name, **kwargs)
+        super().__init__(generator, inversion_layers, name, **kwargs)
         self.target = self.inversion_layers[-1]
         shape = probe_shapes(generator, [self.target])[self.target]
         self.encoder = ImageEncoder(encoder_spec(generator.resolution, shape, self.target, trunk_stages,

@@ -99,10 +99,10 @@ def load_direct_encoder(path: str | Path, generator: LayeredGenerator | None = N
 class DirectEncoderStage(InversionStage):
     """``stage=direct_encoder``: trains :class:`DirectEncoder` on generated images (see module doc)."""
 
-    def __init__(self, generator: LayeredGenerator, inversion_layers: Sequence[str], stage_name: str = STAGE,
+    def __init__(self, generator: LayeredGenerator, inversion_layers: Sequence[str], name: str = STAGE,
                  trunk_stages: int | str = "auto", head_channels: int | None = None, image_weight: float = 1.0,
                  **kwargs):
-        super().__init__(generator, inversion_layers, stage_name, **kwargs)
+        super().__init__(generator, inversion_layers, name, **kwargs)
         self.image_weight = float(image_weight)
         self.encoder = DirectEncoder(generator.resolution, latent_tensor_shape(generator, self.latent_name),
                                      self.latent_name, trunk_stages, head_channels)

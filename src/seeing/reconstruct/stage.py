@@ -7,7 +7,7 @@
 The encoders a variant starts from are found like every stage output, by convention:
 ``<run_root>/<model>/hybrid/hybrid.pt`` (else the package's shipped
 ``seeing/assets/<model>_hybrid.pt``) and ``<run_root>/<model>/direct_encoder/direct_encoder.pt``;
-``hybrid_path`` / ``direct_encoder_path`` name other files.
+``hybrid_file`` / ``direct_encoder_file`` name other files.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import torch
 
 from seeing.gans.layered import LATENT, LayeredGenerator
 from seeing.inversion.inverters import check_chain
+from seeing.stage_files import find_stage_file, make_command
 
 from .deltas import Reconstructor, correction_positions
 from .init import initial_latents
@@ -28,41 +29,16 @@ from .targets import TargetSet, generated_targets, real_targets
 
 log = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-HYBRID_COMMAND = ("python train.py -m model={model} stage=layer1,layer2,layer3,layer4,encoder "
-                  "&& python train.py model={model} stage=hybrid")
-
-
-def _missing(what: str, tried: Sequence[Path], command: str) -> FileNotFoundError:
-    return FileNotFoundError(f"{what} not found (looked for {', '.join(str(p) for p in tried)}). "
-                             f"Make it with `{command}`, or name a file explicitly.")
-
-
-def _find_stage_file(stage: str, what: str, run_root: str | Path, model_name: str, explicit: str | Path | None,
-                     command: str) -> Path:
-    """``explicit``, else the stage's output under ``run_root``, else the shipped asset."""
-    if explicit:
-        p = Path(explicit)
-        if not p.is_file():
-            raise FileNotFoundError(f"{what} file {p} does not exist")
-        return p
-    tried = [Path(run_root) / model_name / stage / f"{stage}.pt", ASSETS / f"{model_name}_{stage}.pt"]
-    for p in tried:
-        if p.is_file():
-            return p
-    raise _missing(f"the {what} of {model_name!r}", tried, command)
-
-
-def find_hybrid(run_root: str | Path, model_name: str, explicit: str | Path | None = None) -> Path:
+def find_hybrid(run_root: str | Path, model_id: str, explicit: str | Path | None = None, model: str = "") -> Path:
     """The hybrid encoder file: ``explicit``, the stage output, or the shipped asset."""
-    return _find_stage_file("hybrid", "hybrid encoder", run_root, model_name, explicit,
-                            HYBRID_COMMAND.format(model=model_name))
+    return find_stage_file("hybrid", run_root, model_id, model or f"model={model_id}", explicit, "stage.hybrid_file")
 
 
-def find_direct_encoder(run_root: str | Path, model_name: str, explicit: str | Path | None = None) -> Path:
+def find_direct_encoder(run_root: str | Path, model_id: str, explicit: str | Path | None = None,
+                        model: str = "") -> Path:
     """The direct encoder file (ablations b, c): ``explicit``, the stage output, or a shipped asset."""
-    return _find_stage_file("direct_encoder", "direct encoder", run_root, model_name, explicit,
-                            f"python train.py model={model_name} stage=direct_encoder")
+    return find_stage_file("direct_encoder", run_root, model_id, model or f"model={model_id}", explicit,
+                           "stage.direct_encoder_file")
 
 
 def build_targets(generator: LayeredGenerator, targets: Mapping[str, Any], record: Sequence[str],
@@ -85,10 +61,11 @@ def build_targets(generator: LayeredGenerator, targets: Mapping[str, Any], recor
 
 
 def build_reconstructor(generator: LayeredGenerator, inversion_layers: Sequence[str], variant: Mapping[str, Any],
-                        targets: Mapping[str, Any], model_name: str = "", run_root: str | Path = "runs",
+                        targets: Mapping[str, Any], name: str = "reconstruct", model_name: str = "",
+                        run_root: str | Path = "runs",
                         loss: Mapping[str, Any] | None = None, steps: int = 3000, lr: float = 0.01,
                         milestones: Sequence[float] = (0.5, 0.75), gamma: float = 0.1, batch_size: int = 8,
-                        hybrid_path: str | None = None, direct_encoder_path: str | None = None,
+                        hybrid_file: str | None = None, direct_encoder_file: str | None = None, model_args: str = "",
                         init_seed: int = 0, hybrid: torch.nn.Module | None = None,
                         direct_encoder: torch.nn.Module | None = None) -> Reconstructor:
     """The reconstruct stage's module for one variant (``init`` x ``optimize``).
@@ -107,25 +84,25 @@ def build_reconstructor(generator: LayeredGenerator, inversion_layers: Sequence[
         if hybrid is None:
             from seeing.inversion.hybrid import load_hybrid_encoder
 
-            path = find_hybrid(run_root, model_name, hybrid_path)
+            path = find_hybrid(run_root, model_name, hybrid_file, model_args)
             log.info("hybrid encoder: %s", path)
             try:
                 hybrid = load_hybrid_encoder(path, generator)
             except ValueError as e:  # e.g. the shipped encoder next to a user's own generator
                 raise ValueError(f"{e}. Train a hybrid encoder for this generator with "
-                                 f"`{HYBRID_COMMAND.format(model=model_name)}`") from e
+                                 f"`{make_command('hybrid', model_args or f'model={model_name}', run_root)}`") from e
         encoder = hybrid.eval()
     elif init == "direct_encoder":
         if direct_encoder is None:
             from .direct_encoder import load_direct_encoder
 
-            path = find_direct_encoder(run_root, model_name, direct_encoder_path)
+            path = find_direct_encoder(run_root, model_name, direct_encoder_file, model_args)
             log.info("direct encoder: %s", path)
             direct_encoder = load_direct_encoder(path, generator)
         encoder = direct_encoder.eval()
     z0 = initial_latents(init, generator, target_set.images, target_set.ids, encoder=encoder, seed=init_seed,
                          latent_name=latent_name)
-    meta = {"variant": dict(variant), "model": model_name, "init": init, "positions": positions,
+    meta = {"name": name, "variant": dict(variant), "model": model_name, "init": init, "positions": positions,
             "targets": target_set.description, "target_kind": target_set.kind, "steps": int(steps),
             "lr": float(lr), "command": " ".join(["python", *sys.argv])}
     return Reconstructor(generator, target_set.images, z0, positions, ReconstructionLoss(**dict(loss or {})),

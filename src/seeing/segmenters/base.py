@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
+
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -84,13 +85,6 @@ class Segmenter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}"
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"`` (or None): cuda when available, else cpu."""
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def require_file(path: str | Path, what: str) -> Path:

@@ -15,7 +15,9 @@ from torchvision.models.segmentation import DeepLabV3_ResNet50_Weights, deeplabv
 
 from seeing.state_dicts import load_exact
 
-from .base import Segmenter, load_state_dict_file, resolve_device
+from seeing.devices import resolve_device
+
+from .base import Segmenter, load_state_dict_file
 
 HUB_FILE = Path(DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1.url).name  # deeplabv3_resnet50_coco-cd0a2569.pth
 VOC_CLASSES: list[str] = list(DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1.meta["categories"])

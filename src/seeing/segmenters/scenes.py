@@ -15,7 +15,9 @@ from torch import nn
 
 from seeing.state_dicts import load_exact
 
-from .base import Segmenter, require_file, resolve_device
+from seeing.devices import resolve_device
+
+from .base import Segmenter, require_file
 
 ASSET_NAME = "scenes_segmenter.pt"
 

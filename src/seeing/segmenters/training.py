@@ -70,8 +70,10 @@ class SegmenterTraining(pl.LightningModule):
 
     def __init__(self, num_classes: int, widths: Sequence[int] = (16, 32, 64, 96), lr: float = 2e-3,
                  weight_decay: float = 1e-4, warmup_steps: int = 100, augment_strength: float = 1.0,
-                 class_names: Sequence[str] | None = None, figure_images: int = 8):
+                 class_names: Sequence[str] | None = None, figure_images: int = 8,
+                 name: str = "segmenter"):
         super().__init__()
+        self.stage_name = name
         # plain Python values only (Hydra hands over ListConfigs): checkpoints must stay loadable
         # with torch.load(weights_only=True), which is how Lightning resumes (ckpt_path=last)
         self.save_hyperparameters({

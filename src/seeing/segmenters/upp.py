@@ -24,7 +24,9 @@ from torchvision.models.resnet import Bottleneck
 
 from seeing.state_dicts import load_exact
 
-from .base import Segmenter, load_state_dict_file, require_file, resolve_device
+from seeing.devices import resolve_device
+
+from .base import Segmenter, load_state_dict_file, require_file
 from .precise_pool import precise_roi_pool
 
 log = logging.getLogger(__name__)

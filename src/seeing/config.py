@@ -1,0 +1,138 @@
+"""The config surface: OmegaConf resolvers the YAML files use, and the checks every run makes
+before any work.
+
+Resolvers (registered on import; ``train.py`` and ``evaluate.py`` import this module):
+
+* ``${model_id:name,checkpoint}``: what names a model's outputs, ``runs/<model_id>/<stage>/``:
+  the model name, plus the checkpoint file's stem when one is given, so two checkpoints of one
+  architecture never share a folder;
+* ``${model_args:name,checkpoint}``: the command-line words that select the model, for complete
+  commands in error messages;
+* ``${path_stem:path}``: a file or folder name without its suffix (names folder/LSUN sources);
+* ``${side_offset:real_value,fake_value}``: for a source config placed under ``fake``, the second
+  value, else the first. One source definition serves ``real=`` and ``fake=``; a synthetic
+  world drawn on both sides must not draw the same images twice.
+
+Checks (:func:`check_config`): a mandatory value (``???``) that the run reads is unset.
+Unknown group options (``variant=z``) and unknown keys (``stage.lr_typo=1``) are refused by
+Hydra itself before this module is reached; keys the stage module does not take are refused
+when it is built (every stage config *is* its module's keyword arguments).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
+
+UNSET = "__unset__"  # what the model configs pass for a checkpoint left at ???
+
+
+def unset_checkpoint_message(name: str) -> str:
+    return (f"model={name} loads a local file: add model.checkpoint=/path/to/weights.pth "
+            f"(conf/model/{name}.yaml lists the public files it accepts)")
+
+
+def model_id(name: str, checkpoint: str | None) -> str:
+    if checkpoint == UNSET:  # the folder is named for the checkpoint: without one there is no folder
+        raise ValueError(unset_checkpoint_message(str(name)))
+    return str(name) if checkpoint in (None, "") else f"{name}-{Path(str(checkpoint)).stem}"
+
+
+def path_stem(path: str) -> str:
+    return Path(str(path)).stem
+
+
+def side_offset(real_value: Any, fake_value: Any, *, _parent_: Any) -> Any:
+    return fake_value if _parent_ is not None and _parent_._key() == "fake" else real_value
+
+
+def register_resolvers() -> None:
+    from seeing.stage_files import model_args
+
+    for name, fn in (("model_id", model_id), ("model_args", model_args), ("path_stem", path_stem),
+                     ("side_offset", side_offset)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+register_resolvers()
+
+
+# ------------------------------------------------------------------------------ checks
+def _leaves(node: Any, prefix: str) -> Iterable[str]:
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            yield from _leaves_of(node, key, f"{prefix}{key}")
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            yield from _leaves_of(node, i, f"{prefix}{i}")
+
+
+def _leaves_of(parent: Any, key: Any, path: str) -> Iterable[str]:
+    child = parent._get_node(key)
+    if isinstance(child, (DictConfig, ListConfig)) and not child._is_interpolation():
+        yield from _leaves(child, f"{path}.")
+    else:
+        yield path
+
+
+def unset_keys(cfg: DictConfig, roots: Iterable[str]) -> list[str]:
+    """The mandatory (``???``) values a run reads: every leaf under ``roots`` is resolved, and
+    each one that is, or interpolates from, a missing value names that value. A missing value
+    that nothing under ``roots`` reads (e.g. ``model.checkpoint`` of an ablation that was given
+    its runs folder) is not reported."""
+    missing: dict[str, None] = {}
+    for root in roots:
+        if root not in cfg:
+            continue
+        for path in _leaves(cfg[root], f"{root}.") if isinstance(cfg[root], (DictConfig, ListConfig)) else [root]:
+            try:
+                OmegaConf.select(cfg, path, throw_on_missing=True)
+            except MissingMandatoryValue as err:
+                missing[str(getattr(err, "full_key", "") or path)] = None
+            except InterpolationResolutionError as err:
+                cause = err.__cause__
+                if isinstance(cause, MissingMandatoryValue):
+                    missing[str(getattr(cause, "full_key", "") or path)] = None
+                elif isinstance(cause, ValueError) and str(cause) == unset_checkpoint_message(cfg.model.name):
+                    missing["model.checkpoint"] = None
+                else:
+                    raise
+    return list(missing)
+
+
+def check_config(cfg: DictConfig, roots: Iterable[str]) -> None:
+    """Fail before anything is built when a mandatory setting the run reads is unset, naming
+    the override to add."""
+    missing = unset_keys(cfg, roots)
+    if not missing:
+        return
+    hints = []
+    if "model.checkpoint" in missing:
+        hints.append(unset_checkpoint_message(cfg.model.get("name", "?")))
+    for side in ("real", "fake"):
+        if f"{side}.path" in missing:
+            hints.append(f"{side}={cfg[side].get('_target_', '?').rsplit('.', 1)[-1]} reads files: add "
+                         f"{side}.path=/path/to/images")
+    raise ValueError(f"missing required settings: {', '.join(missing)}." + "".join(f" {h}." for h in hints))
+
+
+# ------------------------------------------------------------------------------ building
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, but an error that names a file or setting (FileNotFoundError,
+    ValueError) surfaces as the builder raised it rather than wrapped in Hydra's
+    InstantiationException; other errors (an unexpected keyword: a key nothing reads) keep Hydra's
+    message, which names the target."""
+    import hydra
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, (FileNotFoundError, ValueError)) and not isinstance(cause, InstantiationException):
+            raise cause from None
+        raise

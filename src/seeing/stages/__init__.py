@@ -1,0 +1,1 @@
+"""What every training stage shares at the Trainer level (progress display)."""
