@@ -327,6 +327,8 @@ class Reconstructor(pl.LightningModule):
         initial_t, final_t = torch.cat(initial), torch.cat(final)
         targets = self.targets.float().cpu()
         out = {
+        initial_l1 = (initial_t - targets).abs().flatten(1).mean(1)
+        final_l1 = (final_t - targets).abs().flatten(1).mean(1)
             "format": RESULT_FORMAT,
             "targets": targets,
             "initial": initial_t,
@@ -337,8 +339,10 @@ class Reconstructor(pl.LightningModule):
             "delta_rms": {p: torch.cat(v) for p, v in norms.items()},
             "loss_curves": self.loss_curves.cpu(),
             "pixel_curves": self.pixel_curves.cpu(),
-            "initial_pixel_l1": (initial_t - targets).abs().flatten(1).mean(1),
-            "final_pixel_l1": (final_t - targets).abs().flatten(1).mean(1),
+            "initial_pixel_l1": initial_l1,
+            "final_pixel_l1": final_l1,
+            # the optimisation made these images worse than where they started (too large a step size)
+            "worse_than_start": final_l1 > initial_l1,
             "recovered_features": {p: torch.cat(v) for p, v in features.items()},
             "steps": self.steps,
             "steps_done": int(self.global_step) // max(1, len(self.chunks)),
@@ -363,9 +367,26 @@ class Reconstructor(pl.LightningModule):
         path = torch_save_atomic(result, Path(output_dir) / RESULT_FILE)
         write_per_image_files(result, Path(output_dir))
         return path
+        warn_bad_images(result, self.lr, Path(output_dir) / "per_image.csv")
 
 
 def load_result(path: str | Path) -> dict[str, Any]:
+def warn_bad_images(result: Mapping[str, Any], lr: float, table: Path) -> None:
+    """Log how many images diverged or ended worse than they started, and what to try."""
+    def which(flags: torch.Tensor) -> str:
+        ids = torch.nonzero(flags).flatten().tolist()
+        return ", ".join(map(str, ids[:10])) + (", ..." if len(ids) > 10 else "")
+
+    worse, diverged = result["worse_than_start"], result["diverged"]
+    if worse.any():
+        log.warning("%d of %d images ended worse than they started (final pixel L1 > initial; images %s, "
+                    "flagged worse_than_start in %s): the step size is too large for them; lower stage.lr "
+                    "(now %g)", int(worse.sum()), len(worse), which(worse), table, lr)
+    if diverged.any():
+        log.warning("%d of %d images diverged (non-finite loss; images %s, flagged diverged in %s): lower "
+                    "stage.lr (now %g)", int(diverged.sum()), len(diverged), which(diverged), table, lr)
+
+
     return load_format_file(path, RESULT_FORMAT, "reconstruction result",
                             f"Re-copy it, re-run `python train.py stage=reconstruct ...` to write it again, or "
                             f"point metric.result at the right {RESULT_FILE}.")

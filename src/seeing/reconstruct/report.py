@@ -38,9 +38,16 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def worse_than_start(result: Mapping[str, Any]) -> torch.Tensor:
+    """Per image: final pixel L1 above the initial one (derived for results written before it was stored)."""
+    if "worse_than_start" in result:
+        return result["worse_than_start"].bool()
+    return result["final_pixel_l1"] > result["initial_pixel_l1"]
+
+
 def write_per_image_files(result: Mapping[str, Any], output_dir: Path) -> None:
-    """``images/NNNN.png`` (target | initial | final), ``per_image.csv`` (errors, delta RMS, loss
-    curve ends) and ``loss_curves.png``."""
+    """``images/NNNN.png`` (target | initial | final), ``per_image.csv`` (errors, the ``diverged``
+    and ``worse_than_start`` flags, delta RMS, loss curve ends) and ``loss_curves.png``."""
     from PIL import Image
 
     output_dir = Path(output_dir)
@@ -50,11 +57,14 @@ def write_per_image_files(result: Mapping[str, Any], output_dir: Path) -> None:
     ids = result.get("ids")
     rows = []
     curves = result["loss_curves"]
+    worse = worse_than_start(result)
+    diverged = result.get("diverged", torch.zeros(len(worse), dtype=torch.bool))
     for i, strip in enumerate(strips):
         Image.fromarray(strip).save(output_dir / "images" / f"{i:04d}.png")
         row = {"index": i, "id": int(ids[i]) if ids is not None else i,
                "initial_pixel_l1": float(result["initial_pixel_l1"][i]),
-               "final_pixel_l1": float(result["final_pixel_l1"][i])}
+               "final_pixel_l1": float(result["final_pixel_l1"][i]),
+               "diverged": bool(diverged[i]), "worse_than_start": bool(worse[i])}
         if curves.shape[1]:
             row["loss_first"], row["loss_last"] = float(curves[i, 0]), float(curves[i, -1])
         for p, v in result["delta_rms"].items():
