@@ -326,9 +326,9 @@ class Reconstructor(pl.LightningModule):
         self.train(was_training)
         initial_t, final_t = torch.cat(initial), torch.cat(final)
         targets = self.targets.float().cpu()
-        out = {
         initial_l1 = (initial_t - targets).abs().flatten(1).mean(1)
         final_l1 = (final_t - targets).abs().flatten(1).mean(1)
+        out = {
             "format": RESULT_FORMAT,
             "targets": targets,
             "initial": initial_t,
@@ -366,11 +366,10 @@ class Reconstructor(pl.LightningModule):
         result = self.result()
         path = torch_save_atomic(result, Path(output_dir) / RESULT_FILE)
         write_per_image_files(result, Path(output_dir))
-        return path
         warn_bad_images(result, self.lr, Path(output_dir) / "per_image.csv")
+        return path
 
 
-def load_result(path: str | Path) -> dict[str, Any]:
 def warn_bad_images(result: Mapping[str, Any], lr: float, table: Path) -> None:
     """Log how many images diverged or ended worse than they started, and what to try."""
     def which(flags: torch.Tensor) -> str:
@@ -387,6 +386,7 @@ def warn_bad_images(result: Mapping[str, Any], lr: float, table: Path) -> None:
                     "stage.lr (now %g)", int(diverged.sum()), len(diverged), which(diverged), table, lr)
 
 
+def load_result(path: str | Path) -> dict[str, Any]:
     return load_format_file(path, RESULT_FORMAT, "reconstruction result",
                             f"Re-copy it, re-run `python train.py stage=reconstruct ...` to write it again, or "
                             f"point metric.result at the right {RESULT_FILE}.")
