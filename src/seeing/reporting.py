@@ -165,18 +165,15 @@ class WandbReport:
             return
         import wandb
 
-        from seeing.config import resolved, run_identity
-
         self._wandb = wandb
-        identity = run_identity(cfg)
         self.run = wandb.init(
             project=wcfg.get("project", "seeing"),
-            name=identity["name"],
-            group=identity["group"],
+            name=wcfg.get("name"),
+            group=wcfg.get("group"),
             dir=str(wcfg.get("save_dir", ".")),
             mode="offline" if wcfg.get("offline", True) else "online",
             job_type=job_type,
-            config=resolved(cfg),
+            config=OmegaConf.to_container(cfg, resolve=False),
             reinit="finish_previous",
         )
 
