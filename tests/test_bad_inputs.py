@@ -302,3 +302,49 @@ def test_written_files_respect_the_umask(tmp_path):
         assert (torch_save_atomic({}, tmp_path / "b.pt").stat().st_mode & 0o777) == 0o664
     finally:
         os.umask(before)
+
+
+def test_user_numbers_are_refused_before_any_work_naming_the_key(compose):
+    from seeing.pipeline import evaluate, train
+
+    for override, key in (("metric.n=0", "metric.n=0"), ("metric.n=-4", "metric.n=-4"),
+                          ("metric.resolution=0", "metric.resolution=0")):
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            evaluate(compose("evaluate", ["metric=fsd", "metric.oracle=true", "fake=scenes", override, "logger=csv"]))
+    for override in ("stage.steps=-5", "stage.batch_size=0", "stage.targets.count=0", "stage.lr=-1"):
+        with pytest.raises(ValueError, match=override.split("=")[0].replace(".", r"\.") + "="):
+            train(compose("train", ["stage=reconstruct", override, "logger=csv", "trainer.enable_progress_bar=false"]))
+
+
+def test_a_truncated_last_checkpoint_names_the_file_and_how_to_go_on(compose, tmp_path):
+    from seeing.pipeline import resolve_ckpt_path
+
+    cfg = compose("train", ["stage=layer1", "ckpt_path=last"])
+    folder = Path(cfg.output_dir) / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "last.ckpt").write_bytes(b"PK\x03\x04" + b"\0" * 100)  # a zip cut short
+    (folder / "step=400.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError) as err:
+        resolve_ckpt_path(cfg)
+    msg = str(err.value)
+    assert str(folder / "last.ckpt") in msg and "ckpt_path=<file>" in msg and "step=400.ckpt" in msg
+    assert "start fresh" in msg
+
+
+def test_turning_the_progress_bar_off_does_not_collide_with_its_callback(compose):
+    from seeing.pipeline import instantiate_group
+    from seeing.stages.trainer import build_trainer
+
+    cfg = compose("train", ["stage=layer1", "trainer.enable_progress_bar=false"])
+    trainer = build_trainer(cfg, instantiate_group(cfg.callbacks), False)  # Lightning raised here before
+    assert trainer.progress_bar_callback is None
+
+
+def test_an_unknown_variant_or_stage_fails_listing_the_valid_names(compose):
+    from hydra.errors import ConfigCompositionException
+
+    for override, group in (("variant=z", "variant"), ("stage=layer9", "stage"), ("real=flickr", "real")):
+        with pytest.raises(ConfigCompositionException) as err:
+            compose("train" if group != "real" else "evaluate", ["stage=reconstruct", override] if group == "variant"
+                    else [override])
+        assert f"Could not find '{group}/" in str(err.value) and "Available options" in str(err.value)

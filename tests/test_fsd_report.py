@@ -57,7 +57,7 @@ def test_planted_person_drop_ranks_first_and_beats_real_vs_real(compose):
     cfg = compose(
         "evaluate",
         ["metric=fsd", "real=scenes", "fake=scenes_drop", "metric.oracle=true", "metric.n=1000",
-         "metric.resolution=32", "metric.batch_size=250", "trainer.enable_progress_bar=false", "logger=csv"],
+         "metric.resolution=32", "metric.batch_size=250", "metric.progress=false", "logger=csv"],
     )
     report = evaluate(cfg)
     baseline = report["fsd_real_vs_real"]

@@ -127,7 +127,7 @@ def test_nan_losses_are_skipped_then_stop_training(tmp_path):
 # ------------------------------------------------------------------------- samples job
 def test_samples_job_writes_n_files_and_skips_existing(compose, tmp_path):
     gen_path = WGANGP(ProGANGenerator(8, [8, 8])).export(tmp_path / "gen")
-    overrides = ["metric=samples", "n=6", "metric.batch_size=4", "logger=csv", f"model.checkpoint={gen_path}"]
+    overrides = ["metric=samples", "metric.n=6", "metric.batch_size=4", "logger=csv", f"model.checkpoint={gen_path}"]
     cfg = compose("evaluate", overrides)
     out = Path(cfg.metric.path)
     result = evaluate(cfg)

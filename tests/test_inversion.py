@@ -17,7 +17,6 @@ from seeing.inversion.encoder import ImageEncoder, encoder_spec
 from seeing.inversion.hybrid import (
     inverter_from_record,
     load_hybrid_encoder,
-    locate_stage_output,
     new_hybrid_encoder,
     read_inversion_file,
 )
@@ -126,8 +125,9 @@ def test_stage_loss_falls_on_a_fixed_batch(compose, tiny_progan_file, tmp_path, 
 
 
 def test_all_stages_train_export_and_assemble_into_the_hybrid(compose, tiny_progan_file, tmp_path):
-    runs = tmp_path / "runs" / "scenes_progan"
-    with pytest.raises(FileNotFoundError, match=r"python train\.py model=scenes_progan stage=layer1"):
+    runs = tmp_path / "runs" / "scenes_progan-tiny_progan"  # the model name and its checkpoint's stem
+    with pytest.raises(FileNotFoundError, match=r"python train\.py model=scenes_progan model\.checkpoint=\S+ \S+ "
+                                                r"stage=layer1`"):
         _module(compose, "hybrid", tiny(tiny_progan_file))
 
     for stage in [*LAYERS, "encoder"]:
@@ -194,13 +194,15 @@ def test_hybrid_real_image_term_trains_the_encoder_on_real_pixels(compose, tiny_
     torch.manual_seed(0)
     hybrid_file = torch_save_atomic(new_hybrid_encoder(generator, LAYERS).to_file_dict(), tmp_path / "h.pt")
     base = tiny(tiny_progan_file) + [f"stage.hybrid_file={hybrid_file}", "stage.lr_decay=none"]
-    with pytest.raises(ValueError, match=r"real_source"):
+    with pytest.raises(ValueError, match=r"add a real= source"):
         _module(compose, "hybrid", base + ["stage.weights.real_pixel=1"])
+    with pytest.raises(ValueError, match=r"real_pixel is 0, so nothing reads it"):
+        _module(compose, "hybrid", base + ["+real=scenes"])
     with pytest.raises(ValueError, match="inside the training pool"):
         _module(compose, "hybrid", base + ["+real=scenes", "stage.real_pool=100",
                                            "stage.real_val_offset=50"])
 
-    real = ["+real=scenes", "stage.real_batch_size=8", "stage.real_val_size=8"]
+    real = ["+real=scenes", "stage.real_batch_size=8", "stage.real_val_size=8", "stage.weights.real_pixel=1"]
     _, module = _module(compose, "hybrid", base + real + ["stage.real_pool=12"])
     source = module.real_images.source
     take = lambda n, start: next(source.batches(n, n, 16, extra_offset=start)).images  # noqa: E731
@@ -280,7 +282,7 @@ def test_layer_stage_continues_an_inverter_file(compose, tiny_progan_file, tmp_p
 def test_checkpoint_resume_continues_training_and_stream(compose, tiny_progan_file, tmp_path):
     base = tiny(tiny_progan_file) + ["stage=layer2", "callbacks.checkpoint.every_n_train_steps=3"]
     train(compose("train", base + ["trainer.max_steps=3"]))
-    last = tmp_path / "runs" / "scenes_progan" / "layer2" / "checkpoints" / "last.ckpt"
+    last = tmp_path / "runs" / "scenes_progan-tiny_progan" / "layer2" / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 3
     assert not any(k.startswith("generator.") for k in ckpt["state_dict"]), "frozen generator stored"
@@ -306,12 +308,16 @@ def test_checkpoint_resume_continues_training_and_stream(compose, tiny_progan_fi
     assert seen == [3, 4]
 
 
-def test_missing_stage_file_error_names_the_command(tmp_path):
+def test_missing_stage_file_error_names_the_complete_command(tmp_path):
+    from seeing.stage_files import find_stage_file, model_args
+
     with pytest.raises(FileNotFoundError) as err:
-        locate_stage_output(tmp_path, "progan", "encoder")
+        find_stage_file("encoder", tmp_path, "progan-church", model_args("progan", "/w/church.pth"),
+                        option="+stage.stage_files.encoder", shipped=False)
     msg = str(err.value)
-    assert str(tmp_path / "progan" / "encoder" / "encoder.pt") in msg
-    assert "python train.py model=progan stage=encoder" in msg
+    assert str(tmp_path / "progan-church" / "encoder" / "encoder.pt") in msg
+    assert f"python train.py model=progan model.checkpoint=/w/church.pth paths.run_root={tmp_path} stage=encoder" in msg
+    assert "+stage.stage_files.encoder=" in msg
 
 
 def test_hybrid_file_refuses_another_generator(tmp_path):
@@ -361,8 +367,10 @@ def test_layer_stages_run_for_every_zoo_layout(compose, tmp_path, tiny_wgangp_fi
                  "trainer.val_check_interval=2", "stage.batch_size=2", "stage.val_size=2",
                  "stage.grid_size=2"]
     # stage layer1 through the real entry point: its inverter predicts the latent (z, or w+)
-    metrics = train(compose("train", ["stage=layer1", *overrides]))
-    out = tmp_path / "runs" / model / "layer1" / "layer1.pt"
+    cfg = compose("train", ["stage=layer1", *overrides])
+    metrics = train(cfg)
+    out = tmp_path / "runs" / f"{model}-{path.stem}" / "layer1" / "layer1.pt"
+    assert Path(cfg.output_dir) == out.parent
     record = read_inversion_file(out, "inverter")
     (layer, rec), = record["inverters"].items()
     generator = load_generator(path)

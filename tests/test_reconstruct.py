@@ -278,9 +278,9 @@ def test_delta_penalty_is_per_image_mean_of_squares():
 
 
 def test_missing_encoders_name_the_command_that_makes_them(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"python train\.py model=nomodel stage=hybrid"):
+    with pytest.raises(FileNotFoundError, match=r"python train\.py model=nomodel \S+ stage=hybrid`"):
         find_hybrid(tmp_path, "nomodel")
-    with pytest.raises(FileNotFoundError, match=r"python train\.py model=nomodel stage=direct_encoder"):
+    with pytest.raises(FileNotFoundError, match=r"python train\.py model=nomodel \S+ stage=direct_encoder`"):
         find_direct_encoder(tmp_path, "nomodel")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         find_hybrid(tmp_path, "nomodel", explicit=tmp_path / "nope.pt")

@@ -136,3 +136,38 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
         if isinstance(cause, (FileNotFoundError, ValueError)) and not isinstance(cause, InstantiationException):
             raise cause from None
         raise
+
+
+# ------------------------------------------------------------------------------ run identity
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain values, every interpolation resolved where it can be (a top-level
+    group that reads an unset value nobody needed is kept unresolved rather than failing)."""
+    out: dict[str, Any] = {}
+    for key in cfg.keys():
+        node = cfg._get_node(key)
+        try:
+            value = OmegaConf.select(cfg, str(key), throw_on_missing=True)
+            out[str(key)] = OmegaConf.to_container(value, resolve=True) if isinstance(
+                value, (DictConfig, ListConfig)) else value
+        except Exception:  # noqa: BLE001 - unresolvable here means unread by this run
+            out[str(key)] = OmegaConf.to_container(node, resolve=False) if isinstance(
+                node, (DictConfig, ListConfig)) else str(node._value())
+    return out
+
+
+def run_identity(cfg: DictConfig) -> dict[str, str]:
+    """How a run shows up in W&B: ``name`` = its output folder (relative to the run root),
+    ``group`` = its multirun grid (Hydra's sweep folder) or, for a single run, its name,
+    ``job_type`` = the stage or metric."""
+    out, root = Path(str(cfg.output_dir)), Path(str(cfg.paths.run_root))
+    name = str(out.relative_to(root)) if out.is_relative_to(root) else out.name
+    group = name
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            group = "grid-" + Path(HydraConfig.get().sweep.dir).name
+    except ValueError:  # no Hydra run (a library call): the run is its own group
+        pass
+    return {"name": name, "group": group, "job_type": str(cfg.get("job_type", ""))}

@@ -1,10 +1,11 @@
 """What `train.py` and `evaluate.py` do with a composed config.
 
-Training is the same for every stage: the stage config names a LightningModule
-(``stage.module``) and optionally a LightningDataModule (``stage.datamodule``);
-this file builds them, the loggers, callbacks and trainer, and fits. A module that
-has an ``export(output_dir)`` method writes its compact result file (the weights
-later stages load) after fitting.
+Training is the same for every stage: ``cfg.stage`` is a LightningModule's config (its
+``_target_`` and keyword arguments), ``cfg.data`` the LightningDataModule when the stage
+reads data, ``cfg.trainer`` the Trainer; this file checks the config, builds them with the
+loggers and callbacks, and fits. A module that has an ``export(output_dir)`` method writes its
+compact result file (the weights later stages load) after fitting. Evaluation calls the
+``run`` function its metric config names.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from seeing.config import check_config, instantiate
+from seeing.config import check_config, instantiate, resolved, run_identity
 from seeing.stages.trainer import build_trainer
 
 log = logging.getLogger(__name__)
@@ -39,13 +40,28 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if ckpt == "last":
         last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
         if last.exists():
+            check_readable_checkpoint(last)
             log.info("resuming from %s", last)
             return str(last)
         log.info("no %s yet: starting fresh", last)
         return None
     if not Path(ckpt).exists():
         raise FileNotFoundError(f"ckpt_path={ckpt} does not exist")
+    check_readable_checkpoint(Path(ckpt))
     return str(ckpt)
+
+
+def check_readable_checkpoint(path: Path) -> None:
+    """A Lightning checkpoint is a zip archive whose directory sits at its end: a copy cut short
+    (an interrupted save or transfer) has none, and is refused here, before any work."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        others = sorted(p.name for p in path.parent.glob("*.ckpt") if p != path)
+        raise ValueError(f"{path} ({path.stat().st_size} bytes) is not a readable Lightning checkpoint (truncated or "
+                         f"damaged). Resume from an earlier one with ckpt_path=<file>"
+                         + (f" (in {path.parent}: {', '.join(others)})" if others else "")
+                         + f", or start fresh: drop ckpt_path (or delete {path})")
 
 
 def set_threads() -> None:
@@ -53,6 +69,23 @@ def set_threads() -> None:
     n = os.environ.get("SEEING_THREADS")
     if n:
         torch.set_num_threads(int(n))
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    """The ``logger`` group; a W&B logger is named for the run, grouped by its grid, typed by its
+    stage, and every logger records the resolved config."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        if node is None or "_target_" not in node:
+            continue
+        wandb = hydra.utils.get_class(node._target_) is WandbLogger
+        loggers.append(hydra.utils.instantiate(node, **(run_identity(cfg) if wandb else {})))
+    config = resolved(cfg)
+    for lg in loggers:
+        lg.log_hyperparams(config)
+    return loggers
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -66,7 +99,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = hydra.utils.instantiate(cfg.data) if "data" in cfg else None
     module = instantiate(cfg.stage)
     callbacks = instantiate_group(cfg.get("callbacks"))
-    loggers = instantiate_group(cfg.get("logger"))
+    loggers = build_loggers(cfg)
     trainer = build_trainer(cfg, callbacks, loggers or False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
     if hasattr(module, "export") and trainer.is_global_zero:

@@ -165,15 +165,18 @@ class WandbReport:
             return
         import wandb
 
+        from seeing.config import resolved, run_identity
+
         self._wandb = wandb
+        identity = run_identity(cfg)
         self.run = wandb.init(
             project=wcfg.get("project", "seeing"),
-            name=wcfg.get("name"),
-            group=wcfg.get("group"),
+            name=identity["name"],
+            group=identity["group"],
             dir=str(wcfg.get("save_dir", ".")),
             mode="offline" if wcfg.get("offline", True) else "online",
             job_type=job_type,
-            config=OmegaConf.to_container(cfg, resolve=False),
+            config=resolved(cfg),
             reinit="finish_previous",
         )
 

@@ -146,6 +146,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.get("device", "auto"))
     oracle = bool(m.get("oracle", False))
+    # user numbers are checked before anything is built
+    for key in ("n", "batch_size"):
+        value = m.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"metric.{key}={value!r}: must be a whole number >= 1 (images per side / per batch)")
+    if m.resolution != "auto":
+        fsd_resolution(m.resolution, None, None)
 
     if oracle:
         from seeing.data.scenes import CLASS_NAMES

@@ -187,7 +187,7 @@ class WGANGP(pl.LightningModule):
         if int(self.nonfinite_streak) >= self.hparams.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"GAN losses were NaN/inf for {int(self.nonfinite_streak)} steps in a row "
-                f"(critic step {int(self.critic_steps)}): training diverged; lower stage.module.lr "
+                f"(critic step {int(self.critic_steps)}): training diverged; lower stage.lr "
                 f"or resume from an earlier checkpoint"
             )
 

@@ -94,8 +94,11 @@ class HybridStage(InversionStage):
         self.real_images = RealImageStream(real_source, real_batch_size, generator.resolution, real_pool,
                                            real_val_size, real_val_offset) if real_source else None
         if self.weights["real_pixel"] > 0 and self.real_images is None:
-            raise ValueError("weights.real_pixel > 0 needs real images: set stage.module.real_source, e.g. "
-                             "`+real@stage.module.real_source=scenes`")
+            raise ValueError("stage.weights.real_pixel > 0 needs real images: add a real= source, e.g. "
+                             "`+real=folder real.path=/data/photos` (or `+real=scenes`)")
+        if self.real_images is not None and self.weights["real_pixel"] == 0:
+            raise ValueError("a real= source is set but stage.weights.real_pixel is 0, so nothing reads it: set "
+                             "stage.weights.real_pixel (e.g. 5) or drop the real= source")
         if hybrid_file:
             self.encoder = load_hybrid_encoder(hybrid_file, generator).train()
             self.record_start(hybrid_file, self.encoder.meta)

@@ -340,7 +340,7 @@ class LayerInverterStage(InversionStage):
         inverter, meta = read_layer_inverter(path, self.layer)
         if hidden_channels and int(hidden_channels) != inverter.spec.hidden_channels:
             raise ValueError(f"{path} has hidden_channels {inverter.spec.hidden_channels}, the config asks for "
-                             f"{hidden_channels}: drop stage.module.hidden_channels to continue that file")
+                             f"{hidden_channels}: drop stage.hidden_channels to continue that file")
         check_against_generator(self.generator, {self.layer: inverter}, source=str(path))
         self.record_start(path, meta)
         return inverter

@@ -165,6 +165,7 @@ class Reconstructor(pl.LightningModule):
         self.record = list(record)
         self.extras = dict(extras or {})
         self.meta = dict(meta or {})
+        self.stage_name = str(self.meta.get("name", "reconstruct"))
         self.automatic_optimization = False
         # frozen networks are left out of checkpoints (see on_save_checkpoint)
         self.strict_loading = False
@@ -286,6 +287,23 @@ class Reconstructor(pl.LightningModule):
         if k + 1 >= self.total_steps:
             self.trainer.should_stop = True
         return live_loss.sum().detach()
+
+    @torch.no_grad()
+    def on_train_end(self) -> None:
+        """Every variant logs where it ended, also the single-pass ones (b, d) that take no step:
+        the mean pixel L1 of the initial and final images, so a grid compares all six."""
+        if not self.loggers:
+            return
+        s_initial, s_final = [], []
+        for c, (s, e) in enumerate(self.chunks):
+            target = self.targets[s:e]
+            s_initial.append((self.render_chunk(c, zero=True)[0] - target).abs().flatten(1).mean(1))
+            s_final.append((self.render_chunk(c)[0] - target).abs().flatten(1).mean(1))
+        metrics = {"final/pixel_l1_initial": float(torch.cat(s_initial).mean()),
+                   "final/pixel_l1": float(torch.cat(s_final).mean()),
+                   "final/diverged": float(self.diverged.sum())}
+        for lg in self.loggers:
+            lg.log_metrics(metrics, step=int(self.global_step))
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

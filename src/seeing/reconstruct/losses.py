@@ -66,7 +66,7 @@ class VGGPerceptual(nn.Module):
         if not path.is_file():
             raise FileNotFoundError(
                 f"perceptual=vgg needs torchvision's ImageNet VGG-16 weights at {path} (file {VGG16_FILE}); "
-                "nothing is downloaded. Put the file there (or set stage.module.loss.vgg_path / $TORCH_HOME), "
+                "nothing is downloaded. Put the file there (or set stage.loss.vgg_path / $TORCH_HOME), "
                 "or use perceptual=none.")
         self.features = load_vgg16_trunk(path)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)

@@ -73,6 +73,12 @@ def build_reconstructor(generator: LayeredGenerator, inversion_layers: Sequence[
     ``hybrid`` / ``direct_encoder`` may be given as modules (tests); otherwise they are
     loaded from their files (see :func:`find_hybrid`, :func:`find_direct_encoder`).
     """
+    for key, value, least in (("stage.steps", steps, 0), ("stage.batch_size", batch_size, 1),
+                              ("stage.targets.count", targets.get("count", 16), 1), ("stage.lr", lr, None)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                least is None and not value > 0) or (least is not None and (value < least or value != int(value))):
+            kind = "a positive number" if least is None else f"a whole number >= {least}"
+            raise ValueError(f"{key}={value!r}: must be {kind}")
     init = variant.get("init", "hybrid")
     layers = list(inversion_layers)
     latent_name = check_chain(generator, layers)
