@@ -102,8 +102,13 @@ def test_fsd_resolution_is_its_own_setting(compose):
     from seeing.evaluation.fsd_report import fsd_resolution
 
     assert compose("evaluate", ["metric=fsd"]).metric.resolution == "auto"
+    from seeing.data.sources import GeneratorSource
+
     scenes = ScenesSource()
     assert fsd_resolution("auto", scenes, ScenesSource(offset=5)) == 64
+    # the shipped GAN's file says it was trained on the scenes world
+    shipped = GeneratorSource({"_target_": "seeing.gans.embedded.embedded_generator", "checkpoint": None})
+    assert fsd_resolution("auto", scenes, shipped) == 64
     folder = ImageFolderSource(path="/nonexistent")
     assert fsd_resolution("auto", folder, scenes) == 256  # the paper's Resize(256) + CenterCrop(256)
     assert fsd_resolution(128, folder, scenes) == 128

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from seeing.data.sources import ImageSource
+from seeing.data.sources import GeneratorSource, ImageSource
 from seeing.metrics.fsd import FrechetSegmentationDistance, per_class_table, rank_classes
 from seeing.reporting import WandbReport, save_figure, write_csv, write_json
 
@@ -120,8 +120,9 @@ def source_world(source: ImageSource) -> str | None:
     """"scenes" for the embedded world and for generators trained on it, else None."""
     if source.kind == "scenes":
         return "scenes"
-    generator = getattr(source, "generator", None)
-    return (getattr(generator, "checkpoint_meta", None) or {}).get("data")
+    if isinstance(source, GeneratorSource):  # the data a generator file says it was trained on
+        return (getattr(source.generator(), "checkpoint_meta", None) or {}).get("data")
+    return None
 
 
 def fsd_resolution(setting: Any, real: ImageSource, fake: ImageSource) -> int:
