@@ -29,7 +29,7 @@ import time
 import torch
 
 from seeing.gans import ProGANGenerator
-from seeing.reconstruct.deltas import correction_positions, render, step_milestones
+from seeing.stages.reconstruct import correction_positions, render, step_milestones
 from seeing.reconstruct.losses import ReconstructionLoss
 
 LAYERS = ["layer1", "layer2", "layer3", "layer4"]
@@ -96,7 +96,7 @@ def loop_batched(g, targets, z0, positions, steps, lr=0.01, milestones=(0.5, 0.7
 def test_batched_vs_one_at_a_time_cpu(benchmark):
     import pytorch_lightning as pl
 
-    from seeing.reconstruct.deltas import Reconstructor
+    from seeing.stages.reconstruct import Reconstructor
 
     threads = int(os.environ.get("BENCH_THREADS", "1"))  # a shared machine: one core gives repeatable numbers
     torch.set_num_threads(threads)

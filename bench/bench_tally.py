@@ -15,7 +15,7 @@ import torch
 
 from seeing.data.scenes import CLASS_NAMES, ScenesDataset
 from seeing.data.sources import ScenesSource, TensorSource
-from seeing.evaluation.tallies import tally_source
+from seeing.reports.tallies import tally_source
 from seeing.metrics import FrechetSegmentationDistance
 
 N, BATCH, RES = 400, 50, 64

@@ -20,7 +20,7 @@ from PIL import Image
 
 from seeing.data.scenes import CLASS_NAMES
 from seeing.data.sources import ImageFolderSource, LSUNSource, ScenesSource
-from seeing.evaluation.tallies import cache_file, cached_tally, tally_source
+from seeing.reports.tallies import cache_file, cached_tally, tally_source
 from seeing.gans import ProGANGenerator
 
 LAYERS = ["layer1", "layer2", "layer3", "layer4"]
@@ -43,7 +43,7 @@ class _Threshold:
 @pytest.fixture(scope="module")
 def tiny():
     """A tiny random 16x16 ProGAN, a random hybrid encoder for it, 4 targets and their hybrid latents."""
-    from seeing.inversion.hybrid import new_hybrid_encoder
+    from seeing.models.hybrid import new_hybrid_encoder
     from seeing.reconstruct.init import initial_latents
 
     torch.manual_seed(0)
@@ -116,9 +116,9 @@ def test_replaced_renamed_or_rewritten_images_are_a_tally_cache_miss(tmp_path):
 
 def test_truncated_or_text_files_name_the_path_and_the_fix(tmp_path, tiny):
     from seeing.gans.loading import load_generator, save_generator
-    from seeing.inversion.hybrid import read_inversion_file, read_layer_inverter
-    from seeing.reconstruct.deltas import Reconstructor, correction_positions, load_result
-    from seeing.reconstruct.direct_encoder import DirectEncoder, load_direct_encoder
+    from seeing.models.hybrid import read_inversion_file, read_layer_inverter
+    from seeing.stages.reconstruct import Reconstructor, correction_positions, load_result
+    from seeing.models.direct_encoder import DirectEncoder, load_direct_encoder
     from seeing.reporting import torch_save_atomic
 
     g, hybrid, x, z0 = tiny
@@ -158,7 +158,7 @@ def test_truncated_or_text_files_name_the_path_and_the_fix(tmp_path, tiny):
 
 
 def test_a_foreign_or_miscounted_tally_cache_is_a_logged_counted_miss(tmp_path, caplog):
-    from seeing.evaluation.tallies import load_cached
+    from seeing.reports.tallies import load_cached
 
     k = len(CLASS_NAMES)
     args = dict(segmenter=None, segmenter_id={"oracle": True}, num_classes=k, n=6, batch_size=3, resolution=16,
@@ -207,8 +207,8 @@ def test_a_foreign_or_miscounted_tally_cache_is_a_logged_counted_miss(tmp_path, 
 
 
 def test_images_that_end_worse_than_they_started_are_flagged_counted_and_warned(tmp_path, tiny, caplog):
-    from seeing.evaluation.reconstruction import summarize
-    from seeing.reconstruct.deltas import Reconstructor, correction_positions
+    from seeing.reports.reconstruction import summarize
+    from seeing.stages.reconstruct import Reconstructor, correction_positions
     from seeing.segmenters.scenes import SceneSegmenterNet, ScenesSegmenter
 
     g, _, x, z0 = tiny
@@ -236,7 +236,7 @@ def test_images_that_end_worse_than_they_started_are_flagged_counted_and_warned(
 
 
 def test_unwritable_cache_or_full_disk_still_gives_the_fsd(tmp_path, monkeypatch, caplog):
-    from seeing.evaluation import fsd_report
+    from seeing.reports import fsd_report
     from seeing.reporting import write_json
 
     blocker = tmp_path / "not_a_folder"

@@ -99,7 +99,7 @@ def test_evaluations_ask_only_for_what_they_read(compose, tmp_path):
 
 def test_fsd_resolution_is_its_own_setting(compose):
     from seeing.data.sources import ImageFolderSource, ScenesSource
-    from seeing.evaluation.fsd_report import fsd_resolution
+    from seeing.reports.fsd_report import fsd_resolution
 
     assert compose("evaluate", ["metric=fsd"]).metric.resolution == "auto"
     from seeing.data.sources import GeneratorSource
@@ -156,7 +156,7 @@ def test_unknown_variant_fails_listing_the_variants_and_writes_nothing(tmp_path)
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
     from seeing.gans import ProGANGenerator, save_generator
-    from seeing.inversion.hybrid import new_hybrid_encoder
+    from seeing.models.hybrid import new_hybrid_encoder
     from seeing.reporting import torch_save_atomic
 
     root = tmp_path_factory.mktemp("tiny")
@@ -223,7 +223,7 @@ def test_a_variant_sweep_writes_one_folder_per_variant_with_the_overrides_applie
         saved = OmegaConf.load(folder / "config.yaml")
         assert saved.variant.name == v and saved.trainer.max_steps == 3 and saved.stage.steps == 2
         assert f"outputs in {folder}" in done.stdout
-    from seeing.reconstruct.deltas import load_result
+    from seeing.stages.reconstruct import load_result
 
     a, d = (load_result(folders[v] / "reconstruction.pt") for v in "ad")
     assert a["positions"] == ["z"] and d["positions"] == []

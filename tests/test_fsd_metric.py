@@ -162,9 +162,13 @@ def _distributed_worker(rank: int, world: int, store: str, real: np.ndarray, fak
         metric.update_tally(torch.from_numpy(np.array_split(real, world)[rank]), real=True)
         for chunk in np.array_split(np.array_split(fake, world)[rank], 3):
             metric.update_tally(torch.from_numpy(chunk), real=False)
-        local = metric.counts()
+        local = {"real": int(metric.real_count), "fake": int(metric.fake_count)}  # this process's own state
+        synced = metric.counts()  # counts and class means are read from the synced states, like compute()
+        means = [m.tolist() for m in metric.class_means()]
         result = {k: float(v) for k, v in metric.compute().items()}  # syncs (sum) across processes
-        torch.save({"result": result, "local": local, "after": metric.counts()}, f"{out}.{rank}")
+        after = {"real": int(metric.real_count), "fake": int(metric.fake_count)}
+        torch.save({"result": result, "local": local, "synced": synced, "means": means, "after": after},
+                   f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -187,5 +191,8 @@ def test_two_process_sum_reduction_matches_single_process(golden, tmp_path):
         got = torch.load(f"{out}.{rank}", weights_only=False)
         assert got["local"]["real"] == len(np.array_split(real, 2)[rank])  # really only half the data
         assert got["after"] == got["local"]  # compute() restores the local state after syncing
+        assert got["synced"] == single.counts() == {"real": 301, "fake": 257}
+        for mine, whole in zip(got["means"], single.class_means()):
+            assert np.allclose(mine, whole.numpy(), rtol=1e-12, atol=1e-15)
         for key in want:
             assert _close(got["result"][key], want[key], 1e-10), (rank, key, got["result"][key], want[key])

@@ -14,7 +14,7 @@ from PIL import Image
 
 from seeing.data.scenes import CLASS_NAMES, ScenesDataset, export_image_folder
 from seeing.data.sources import EmptySourceError, GeneratorSource, ImageFolderSource, LSUNSource, ScenesSource
-from seeing.evaluation.tallies import tally_source
+from seeing.reports.tallies import tally_source
 from seeing.pipeline import evaluate
 
 
@@ -188,7 +188,7 @@ class _KilledAfter:
 
 
 def test_interrupted_tally_resumes_from_its_saved_progress(tmp_path):
-    from seeing.evaluation.tallies import cached_tally, load_partial, partial_file
+    from seeing.reports.tallies import cached_tally, load_partial, partial_file
 
     # a folder with unreadable files in it: the skip count must survive the interruption too
     root = _folder_with_bad_files(tmp_path / "imgs", good=9)

@@ -16,7 +16,7 @@ from seeing.gans.critic import ProGANCritic, gradient_penalty
 from seeing.gans.embedded import ASSET, embedded_generator
 from seeing.gans.loading import load_generator
 from seeing.gans.progan import ProGANGenerator
-from seeing.gans.training import NonFiniteLossError, WGANGP
+from seeing.stages.gan import NonFiniteLossError, WGANGP
 from seeing.pipeline import evaluate, train
 
 # an 8x8 ProGAN on 8x8 scenes: the real stage, at a size that runs in a second or two

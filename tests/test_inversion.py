@@ -12,16 +12,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from seeing.gans import ProGANGenerator, load_generator, save_generator
-from seeing.inversion.correlation import MeanCorrelation, correlation_error
-from seeing.inversion.encoder import ImageEncoder, encoder_spec
-from seeing.inversion.hybrid import (
+from seeing.metrics.correlation import MeanCorrelation, correlation_error
+from seeing.models.image_encoder import ImageEncoder, encoder_spec
+from seeing.models.hybrid import (
     inverter_from_record,
     load_hybrid_encoder,
     new_hybrid_encoder,
     read_inversion_file,
 )
-from seeing.inversion.inverters import build_layer_inverter
-from seeing.inversion.values import feature_tensor
+from seeing.models.inverters import build_layer_inverter
+from seeing.gans.values import feature_tensor
 from seeing.pipeline import train
 
 from conftest import QUICK_TRAIN
@@ -299,7 +299,7 @@ def test_checkpoint_resume_continues_training_and_stream(compose, tiny_progan_fi
                     assert torch.equal(pl_module.inverter.state_dict()[k], v), k
             seen.append(trainer.global_step)
             # the resumed stream continues where the first run stopped
-            from seeing.inversion.stages import TRAIN_SEED_BASE
+            from seeing.stages.inversion import TRAIN_SEED_BASE
             assert torch.equal(batch, pl_module.generator.sample_z(8, seed=TRAIN_SEED_BASE + trainer.global_step))
 
     trainer = pl.Trainer(max_steps=5, logger=False, callbacks=[Probe()], enable_progress_bar=False,
@@ -404,7 +404,7 @@ def test_layer_stages_run_for_every_zoo_layout(compose, tmp_path, tiny_wgangp_fi
 
 
 def test_image_fit_diagnostic_matches_pixels_and_reports_correlations():
-    from seeing.inversion.diagnostics import image_fit_correlation, latent_fit_correlation
+    from seeing.models.diagnostics import image_fit_correlation, latent_fit_correlation
 
     torch.manual_seed(0)
     g = ProGANGenerator(z_dim=16, widths=[16, 16, 8]).eval()
@@ -421,8 +421,8 @@ def test_shipped_hybrid_inverts_the_shipped_generator():
     import warnings
 
     from seeing.gans.embedded import embedded_generator
-    from seeing.inversion.correlation import MeanCorrelation
-    from seeing.inversion.hybrid import EMBEDDED_HYBRID
+    from seeing.metrics.correlation import MeanCorrelation
+    from seeing.models.hybrid import EMBEDDED_HYBRID
 
     generator = embedded_generator()
     with warnings.catch_warnings():

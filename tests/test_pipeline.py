@@ -20,7 +20,9 @@ def test_ckpt_path_last_resumes_only_when_present(tmp_path):
     cfg = OmegaConf.create({"ckpt_path": "last", "output_dir": str(tmp_path)})
     assert resolve_ckpt_path(cfg) is None
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    import torch
+
+    torch.save({"state_dict": {}}, tmp_path / "checkpoints" / "last.ckpt")
     assert resolve_ckpt_path(cfg) == str(tmp_path / "checkpoints" / "last.ckpt")
 
 

@@ -11,11 +11,11 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from seeing.gans import ProGANGenerator
-from seeing.inversion.hybrid import new_hybrid_encoder
-from seeing.reconstruct.deltas import Reconstructor, correction_positions
+from seeing.models.hybrid import new_hybrid_encoder
+from seeing.stages.reconstruct import Reconstructor, correction_positions
 from seeing.reconstruct.init import RANDOM_START_SEED, initial_latents
 from seeing.reconstruct.losses import VGG16_FILE, RELU4_2, ReconstructionLoss, VGGPerceptual
-from seeing.reconstruct.stage import build_reconstructor, find_direct_encoder, find_hybrid
+from seeing.stages.variants import build_reconstructor, find_direct_encoder, find_hybrid
 
 LAYERS = ["layer1", "layer2", "layer3", "layer4"]
 

@@ -10,10 +10,10 @@ import torch
 from hydra.errors import InstantiationException
 
 from seeing.gans import ProGANGenerator, load_generator, save_generator
-from seeing.inversion.hybrid import new_hybrid_encoder
+from seeing.models.hybrid import new_hybrid_encoder
 from seeing.pipeline import evaluate, train
-from seeing.reconstruct.deltas import load_result
-from seeing.reconstruct.direct_encoder import load_direct_encoder
+from seeing.stages.reconstruct import load_result
+from seeing.models.direct_encoder import load_direct_encoder
 from seeing.reporting import torch_save_atomic
 
 from conftest import QUICK_TRAIN
@@ -125,7 +125,7 @@ def test_every_variant_runs_and_the_ablation_reports_them(compose, files, tmp_pa
 
 
 def test_ordering_checks_pair_images_by_id_and_bound_the_difference():
-    from seeing.evaluation.ablation import ordering_checks
+    from seeing.reports.ablation import ordering_checks
 
     g = torch.Generator().manual_seed(0)
     ids = torch.arange(100, 140)
@@ -148,7 +148,7 @@ def test_ordering_checks_pair_images_by_id_and_bound_the_difference():
 
 
 def test_equivalent_steps_finds_where_an_optimiser_catches_up_with_one_pass():
-    from seeing.evaluation.ablation import equivalent_steps
+    from seeing.reports.ablation import equivalent_steps
 
     ids = torch.arange(10, 14)
     steps = torch.arange(6, dtype=torch.float32)

@@ -7,9 +7,9 @@ import torch
 
 from seeing.data.scenes import CLASS_NAMES, render_scene
 from seeing.data.sources import ScenesSource
-from seeing.reconstruct.report import (MissingClasses, class_presence, iou_per_class, missing_figure,
-                                       rank_agreement, rank_missing)
-from seeing.reconstruct.targets import real_targets
+from seeing.metrics.missing import MissingClasses, class_presence, iou_per_class
+from seeing.reports.missing_objects import missing_figure, rank_agreement, rank_missing
+from seeing.data.targets import real_targets
 
 
 def planted_case(n: int = 10, res: int = 32):

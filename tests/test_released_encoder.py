@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from seeing.gans import load_generator
-from seeing.inversion.encoder import ImageEncoder, encoder_spec
-from seeing.inversion.ganseeing_layout import LAYOUT, released_specs
-from seeing.inversion.hybrid import load_hybrid_encoder
-from seeing.inversion.inverters import LayerInverter, inverter_spec
+from seeing.models.image_encoder import ImageEncoder, encoder_spec
+from seeing.models.ganseeing_layout import LAYOUT, released_specs
+from seeing.models.hybrid import load_hybrid_encoder
+from seeing.models.inverters import LayerInverter, inverter_spec
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FIXTURE = FIXTURES / "encoders" / "ganseeing_hybrid_encoder_256.pt"

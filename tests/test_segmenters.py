@@ -21,7 +21,7 @@ from seeing.data.scenes import CLASS_NAMES, ScenesDataset
 from seeing.segmenters import Segmenter, load_segmenter
 from seeing.segmenters.deeplab import HUB_FILE, VOC_CLASSES
 from seeing.segmenters.scenes import shipped_weights_path
-from seeing.segmenters.training import SegmenterTraining, augment
+from seeing.stages.segmenter import SegmenterTraining, augment
 
 UPP_OBJECTS = [row["name"] for row in csv.DictReader(open(FIXTURES / "segmenters" / "upp_object_labels.csv"))]
 

@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -128,6 +129,12 @@ def load_format_file(path: str | Path, fmt: str, what: str, fix: str | None = No
         found = obj.get("format") if isinstance(obj, dict) else None
         raise ValueError(f"{path} is not a {fmt} file (format={found!r}). {fix}")
     return obj
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """N x 3 x H x W in [-1, 1] -> N x H x W x 3 uint8 (the one conversion for PNGs and figures)."""
+    x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().byte()
+    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:

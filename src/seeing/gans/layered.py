@@ -81,6 +81,33 @@ class LayeredGenerator(nn.Module):
         z = torch.cat(blocks)[:n] if blocks else torch.empty((0, *self.latent_shape))
         return z.to(device) if device is not None else z
 
+    # ------------------------------------------------------- the searched latent
+    #: the value inversion searches and reconstruction optimises: the Gaussian "z" here;
+    #: style-based generators search w+ after their "mapping" layer
+    latent_name = LATENT
+
+    def latent_of(self, z: torch.Tensor) -> torch.Tensor:
+        """The searched latent (as a tensor) of Gaussian latents ``z``."""
+        if self.latent_name == LATENT:
+            return z
+        from .values import feature_tensor
+
+        return feature_tensor(self.features(z, [self.latent_name])[self.latent_name])
+
+    def latent_value(self, t: torch.Tensor):
+        """What the layer after :attr:`latent_name` consumes for the latent tensor ``t``."""
+        return t
+
+    def render_latent(self, t: torch.Tensor, stop: str | None = None):
+        """The image (or layer ``stop``'s output) of the latent tensor ``t``."""
+        return self.run(self.latent_value(t), start=self.latent_name, stop=stop)
+
+    def latent_shape_searched(self) -> tuple[int, ...]:
+        """Per-sample shape of the searched latent tensor: ``(z_dim,)``, or ``(num_ws, w_dim)`` for w+."""
+        with torch.no_grad():
+            device = next((p.device for p in self.parameters()), torch.device("cpu"))
+            return tuple(self.latent_of(self.sample_z(1, device=device)).shape[1:])
+
     # ---------------------------------------------------------------- running
     def run(self, x: torch.Tensor, start: str | None = None, stop: str | None = None) -> torch.Tensor:
         """Feed ``x`` (the output of ``start``; the latent when ``start`` is None/"z") through the

@@ -124,6 +124,7 @@ class StyleGenerator(LayeredGenerator):
     """A style-based generator as ``mapping, layer0 ... layerK, output``; see module docs."""
 
     layout = ""
+    latent_name = "mapping"  # inversion searches w+, the mapping's output
 
     def __init__(self, mapping: Mapping, synthesis: Sequence[tuple[str, nn.Module]], output: StyleOutput,
                  resolution: int):
@@ -131,6 +132,10 @@ class StyleGenerator(LayeredGenerator):
         super().__init__(layers, z_dim=mapping.dense0.weight.shape[1], resolution=resolution)
         self.w_dim = int(mapping.w_avg.shape[0])
         self.num_ws = mapping.num_ws
+
+    def latent_value(self, t: torch.Tensor) -> StyledState:
+        """The state right after the mapping for a w+ tensor ``t`` (N x num_ws x w_dim)."""
+        return StyledState(None, t)
 
     @property
     def mapping(self) -> Mapping:

@@ -179,17 +179,21 @@ class FrechetSegmentationDistance(Metric):
         return {"fsd": fsd, "mean_term": mean_term, "cov_term": cov_term}
 
     def class_means(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean fraction of pixels per class (0..1), real and fake; the per-class report's input."""
+        """Mean fraction of pixels per class (0..1), real and fake; the per-class report's input.
+        Read from the states synced over every process (as :meth:`compute` is)."""
         out = []
-        for role in ROLES:
-            n = float(getattr(self, f"{role}_count"))
-            if n == 0:
-                raise ValueError(f"no {role} images were added")
-            out.append(getattr(self, f"{role}_sum") / (n * self.scale))
+        with self.sync_context():
+            for role in ROLES:
+                n = float(getattr(self, f"{role}_count"))
+                if n == 0:
+                    raise ValueError(f"no {role} images were added")
+                out.append((getattr(self, f"{role}_sum") / (n * self.scale)).clone())
         return out[0], out[1]
 
     def counts(self) -> dict[str, int]:
-        return {role: int(getattr(self, f"{role}_count")) for role in ROLES}
+        """Images added per role, over every process."""
+        with self.sync_context():
+            return {role: int(getattr(self, f"{role}_count")) for role in ROLES}
 
 
 def per_class_table(

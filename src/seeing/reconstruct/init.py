@@ -17,7 +17,6 @@ from typing import Callable
 import torch
 
 from seeing.gans.layered import LATENT, LayeredGenerator
-from seeing.inversion.values import feature_tensor
 
 INITS = ("mean", "random", "direct_encoder", "hybrid")
 # random starts draw from seeds far from the small seeds that sample generated targets
@@ -28,7 +27,7 @@ def _latent_of(generator: LayeredGenerator, z: torch.Tensor, latent_name: str) -
     if latent_name == LATENT:
         return z
     with torch.no_grad():
-        return feature_tensor(generator.features(z, [latent_name])[latent_name])
+        return generator.latent_of(z)
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """The ``scenes`` segmenter: a tiny U-Net for the embedded scenes world.
 
 The network is trained by ``python train.py stage=segmenter data=scenes``
-(:mod:`seeing.segmenters.training`), which exports a compact weights file; the
+(:mod:`seeing.stages.segmenter`), which exports a compact weights file; the
 trained file ships with the package as ``seeing/assets/scenes_segmenter.pt``.
 """
 from __future__ import annotations

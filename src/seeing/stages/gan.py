@@ -28,9 +28,9 @@ import pytorch_lightning as pl
 import torch
 import torchvision
 
-from .critic import ProGANCritic, gradient_penalty
-from .layered import LayeredGenerator
-from .loading import save_generator
+from seeing.gans.critic import ProGANCritic, gradient_penalty
+from seeing.gans.layered import LayeredGenerator
+from seeing.gans.loading import save_generator
 
 log = logging.getLogger(__name__)
 

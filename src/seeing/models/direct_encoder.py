@@ -1,7 +1,7 @@
 """Ablations (b) and (c): a direct encoder from an image straight to the latent, trained end to end.
 
 Unlike the layer-wise hybrid encoder, nothing is inverted layer by layer: a ResNet-18
-trunk (the same :class:`~seeing.inversion.encoder.ImageEncoder` the hybrid uses for E_f,
+trunk (the same :class:`~seeing.models.image_encoder.ImageEncoder` the hybrid uses for E_f,
 with its head predicting the whole latent as a ``D x 1 x 1`` map) maps G(z) back to
 the latent, trained with
 
@@ -23,15 +23,12 @@ import torch
 from torch import nn
 
 from seeing.gans.layered import LATENT, LayeredGenerator
-from seeing.inversion.correlation import correlation_error
-from seeing.inversion.encoder import EncoderSpec, ImageEncoder, encoder_spec
-from seeing.inversion.hybrid import generate_from_latent, module_record
-from seeing.inversion.inverters import probe_shapes
-from seeing.inversion.stages import InversionStage
-from seeing.inversion.values import feature_tensor
+from seeing.metrics.correlation import correlation_error
+from seeing.models.image_encoder import EncoderSpec, ImageEncoder, encoder_spec
+from seeing.models.hybrid import generate_from_latent, module_record
 from seeing.reporting import load_format_file, torch_save_atomic
 
-FORMAT = "seeing.reconstruct.direct_encoder/v1"
+FORMAT = "seeing.models.direct_encoder/v1"
 STAGE = "direct_encoder"
 
 
@@ -39,7 +36,7 @@ def latent_tensor_shape(generator: LayeredGenerator, latent_name: str) -> tuple[
     """Per-image shape of the latent tensor searched ("z", or e.g. w+ after ``mapping``)."""
     if latent_name == LATENT:
         return tuple(generator.latent_shape)
-    return tuple(probe_shapes(generator, [latent_name])[latent_name])
+    return generator.latent_shape_searched()
 
 
 class DirectEncoder(nn.Module):
@@ -94,42 +91,3 @@ def load_direct_encoder(path: str | Path, generator: LayeredGenerator | None = N
                              f"from {shape}: it was trained for another model")
     model.meta = dict(obj.get("meta") or {})
     return model.to(map_location).eval()
-
-
-class DirectEncoderStage(InversionStage):
-    """``stage=direct_encoder``: trains :class:`DirectEncoder` on generated images (see module doc)."""
-
-    def __init__(self, generator: LayeredGenerator, inversion_layers: Sequence[str], name: str = STAGE,
-                 trunk_stages: int | str = "auto", head_channels: int | None = None, image_weight: float = 1.0,
-                 **kwargs):
-        super().__init__(generator, inversion_layers, name, **kwargs)
-        self.image_weight = float(image_weight)
-        self.encoder = DirectEncoder(generator.resolution, latent_tensor_shape(generator, self.latent_name),
-                                     self.latent_name, trunk_stages, head_channels)
-
-    def trained_modules(self) -> nn.Module:
-        return self.encoder
-
-    def _pass(self, z: torch.Tensor):
-        with torch.no_grad():
-            latent = z if self.latent_name == LATENT else feature_tensor(
-                self.generator.features(z, [self.latent_name])[self.latent_name])
-            images = generate_from_latent(self.generator, self.latent_name, latent)
-        est = self.encoder(images)
-        recon = generate_from_latent(self.generator, self.latent_name, est)
-        return latent, images, est, recon
-
-    def losses(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        latent, images, est, recon = self._pass(z)
-        corr = correlation_error(est, latent)
-        pixel = (recon.float() - images.float()).abs().mean()
-        return {"loss": corr + self.image_weight * pixel, "corr_error_latent": corr, "pixel_l1": pixel}
-
-    def evaluate(self, z: torch.Tensor):
-        latent, images, est, recon = self._pass(z)
-        return {LATENT: (est, latent)}, {"pixel": (recon, images)}, (images, recon)
-
-    def export(self, output_dir: str | Path) -> Path:
-        meta = self.scored_export_meta(Path(output_dir))
-        return torch_save_atomic(self.encoder.to_file_dict(meta, self.hparams.export_half),
-                                 Path(output_dir) / f"{self.stage_name}.pt")

@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -64,6 +64,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def feed(on_rows: Callable[[np.ndarray], None] | None, tallies: np.ndarray, batch_size: int) -> None:
+    """Hand ``tallies`` to ``on_rows`` in batches (cached and resumed rows go the same way as new ones)."""
+    if on_rows is not None:
+        for i in range(0, len(tallies), max(1, batch_size)):
+            on_rows(tallies[i:i + batch_size])
+
+
 def tally_source(
     source: ImageSource,
     segmenter: torch.nn.Module | None,
@@ -78,6 +85,7 @@ def tally_source(
     partial: Path | None = None,
     checkpoint_every: int = 500,
     key: str | None = None,
+    on_rows: Callable[[np.ndarray], None] | None = None,
 ) -> Tally:
     """Segment ``n`` images of ``source`` and return their class tallies.
 
@@ -87,6 +95,8 @@ def tally_source(
     images, and a tally that finds that file continues after the images it holds: an
     interrupted 10,000-image tally resumes instead of starting over. ``key`` (see
     :func:`cache_key`) is stored in that file, and a file saved under another key is ignored.
+    ``on_rows`` receives every batch of tallies as it is made (resumed ones first): the FSD
+    Metric accumulates there, batch by batch.
     A progress file that cannot be written (full disk) is a warning, and the tally goes on.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -102,6 +112,7 @@ def tally_source(
     rows, skipped, position = ([resumed.tallies], list(resumed.skipped), resumed.position) if resumed else ([], [], 0)
     if resumed:
         log.info("%s: resuming after %d of %d images from %s", description or source.describe(), position, n, partial)
+        feed(on_rows, resumed.tallies, batch_size)
     stats, since_save = TallyStats(), 0
     skipped_before = len(source.skipped)
     start = time.perf_counter()
@@ -121,6 +132,7 @@ def tally_source(
                     _sync(device)
                     stats.forward_s += time.perf_counter() - t0
                 rows.append(class_tally(labels, num_classes).cpu().numpy().astype(np.float64))
+                feed(on_rows, rows[-1], batch_size)
                 stats.images += len(batch.images)
             stats.batches += 1
             position += len(batch.images) + len(batch.skipped)
@@ -346,16 +358,20 @@ def cached_tally(
     description: str | None = None,
     progress: bool = True,
     checkpoint_every: int = 500,
+    on_rows: Callable[[np.ndarray], None] | None = None,
 ) -> Tally:
+    """:func:`tally_source` through the cache (see the module docstring); ``on_rows`` sees every
+    row once, whether tallied now, resumed or read from the cache."""
     if not cache_dir:
         return tally_source(source, segmenter, num_classes, n, batch_size, resolution, device, extra_offset,
-                            description, progress, checkpoint_every=checkpoint_every)
+                            description, progress, checkpoint_every=checkpoint_every, on_rows=on_rows)
     what = description or source.describe()
     key = cache_key(source, segmenter_id, n, resolution, extra_offset)
     path = cache_path(cache_dir, source.kind, key)
     hit, rejected = load_cached(path, num_classes, key, n)
     if hit is not None:
         log.info("%s: read %d cached tallies from %s", what, len(hit.tallies), path)
+        feed(on_rows, hit.tallies, batch_size)
         return hit
     if rejected:
         log.warning("%s: not using tally cache %s: %s; tallying again and overwriting it", what, path, rejected)
@@ -363,12 +379,13 @@ def cached_tally(
     if problem is not None:  # found before the long work, which then runs uncached
         _warn_unwritable(path.parent, problem)
         tally = tally_source(source, segmenter, num_classes, n, batch_size, resolution, device, extra_offset,
-                             description, progress, checkpoint_every=checkpoint_every)
+                             description, progress, checkpoint_every=checkpoint_every, on_rows=on_rows)
         tally.cache, tally.cache_rejected = "unwritable", rejected
         return tally
     partial = partial_file(path)
     tally = tally_source(source, segmenter, num_classes, n, batch_size, resolution, device, extra_offset,
-                         description, progress, partial=partial, checkpoint_every=checkpoint_every, key=key)
+                         description, progress, partial=partial, checkpoint_every=checkpoint_every, key=key,
+                         on_rows=on_rows)
     tally.cache_rejected = rejected
     try:
         save_cached(path, tally, key)

@@ -20,8 +20,8 @@ import torch
 
 from seeing.gans.layered import LayeredGenerator
 
-from .correlation import cosine_map
-from .values import feature_tensor, with_feature
+from seeing.metrics.correlation import cosine_map
+from seeing.gans.values import feature_tensor, with_feature
 
 
 @dataclass

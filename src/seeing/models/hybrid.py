@@ -2,7 +2,7 @@
 
 API (used by reconstruction and evaluation code)::
 
-    from seeing.inversion.hybrid import HybridEncoder, load_hybrid_encoder
+    from seeing.models.hybrid import HybridEncoder, load_hybrid_encoder
 
     encoder = load_hybrid_encoder("runs/scenes_progan/hybrid/hybrid.pt", generator)  # eval mode, float32
     z = encoder(images)              # images (B, 3, S, S) in [-1, 1] -> latents (B, *generator.latent_shape)
@@ -17,7 +17,7 @@ API (used by reconstruction and evaluation code)::
 estimated r_n. For ProGAN-like models ``encoder.generate(generator, z)`` is
 ``generator(z)``; for style-based ones the latent is w+ ``(B, num_ws, w_dim)``, ``est``
 also holds it under "mapping", and ``generate`` renders it from after the mapping.
-Estimates of styled layers are their feature maps (see :mod:`seeing.inversion.values`).
+Estimates of styled layers are their feature maps (see :mod:`seeing.gans.values`).
 
 Files (``torch.load(path, weights_only=True)`` reads them; float tensors may be
 stored in half precision and are loaded as float32)::
@@ -30,7 +30,7 @@ stored in half precision and are loaded as float32)::
      "meta": {...}}
 
 :func:`load_hybrid_encoder` also reads the paper's released ProGAN-256 hybrid encoders
-(:mod:`seeing.inversion.ganseeing_layout`).
+(:mod:`seeing.models.ganseeing_layout`).
 
 Stage outputs are found by :mod:`seeing.stage_files` (``runs/scenes_progan/layer3/layer3.pt``).
 """
@@ -48,10 +48,9 @@ from torch import nn
 from seeing.gans.layered import LATENT, LayeredGenerator
 from seeing.reporting import load_format_file, torch_save_atomic
 
-from . import ganseeing_layout
-from .encoder import EncoderSpec, ImageEncoder, encoder_spec
-from .inverters import InverterSpec, LayerInverter, check_chain, inverter_spec, probe_shapes
-from .values import batch_template, value_from_tensor
+from seeing.models import ganseeing_layout
+from seeing.models.image_encoder import EncoderSpec, ImageEncoder, encoder_spec
+from seeing.models.inverters import InverterSpec, LayerInverter, check_chain, inverter_spec, probe_shapes
 
 FORMAT = "seeing.inversion/v1"
 log = logging.getLogger(__name__)
@@ -69,14 +68,15 @@ def generator_fingerprint(generator: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-@torch.no_grad()
 def latent_value(generator: LayeredGenerator, latent_name: str, t: torch.Tensor):
-    """What ``generator.run(..., start=latent_name)`` consumes for the latent tensor ``t``."""
+    """What ``generator.run(..., start=latent_name)`` consumes for the latent tensor ``t``: the
+    generator says (see :meth:`LayeredGenerator.latent_value`)."""
     if latent_name == LATENT:
         return t
-    device = next((p.device for p in generator.parameters()), torch.device("cpu"))
-    probe = generator.features(generator.sample_z(1, device=device), [latent_name])[latent_name]
-    return value_from_tensor(batch_template(probe), t)
+    if latent_name != generator.latent_name:
+        raise ValueError(f"the latent of this generator is {generator.latent_name!r}, not {latent_name!r}: "
+                         f"inversion chains start at the layer after it")
+    return generator.latent_value(t)
 
 
 def generate_from_latent(generator: LayeredGenerator, latent_name: str, t: torch.Tensor,
@@ -241,7 +241,7 @@ def load_hybrid_encoder(path: str | Path | None, generator: LayeredGenerator | N
 
     ``path=None`` loads the shipped encoder of the embedded scenes GAN (:data:`EMBEDDED_HYBRID`).
     Besides this project's files, the paper's released hybrid encoders for ProGAN-256 load too
-    (see :mod:`seeing.inversion.ganseeing_layout`); their meta says ``{"layout": "ganseeing_hybrid"}``.
+    (see :mod:`seeing.models.ganseeing_layout`); their meta says ``{"layout": "ganseeing_hybrid"}``.
     """
     path = Path(path) if path else EMBEDDED_HYBRID
     if not path.is_file():

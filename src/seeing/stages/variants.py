@@ -1,4 +1,4 @@
-"""``stage=reconstruct``: build a :class:`~seeing.reconstruct.deltas.Reconstructor` from config.
+"""``stage=reconstruct``: build a :class:`~seeing.stages.reconstruct.Reconstructor` from config.
 
     python train.py stage=reconstruct variant=f                       # held-out real scenes
     python train.py stage=reconstruct variant=f stage.targets.kind=generated
@@ -19,13 +19,13 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from seeing.gans.layered import LATENT, LayeredGenerator
-from seeing.inversion.inverters import check_chain
+from seeing.models.inverters import check_chain
 from seeing.stage_files import find_stage_file, make_command
 
-from .deltas import Reconstructor, correction_positions
-from .init import initial_latents
-from .losses import ReconstructionLoss
-from .targets import TargetSet, generated_targets, real_targets
+from seeing.stages.reconstruct import Reconstructor, correction_positions
+from seeing.reconstruct.init import initial_latents
+from seeing.reconstruct.losses import ReconstructionLoss
+from seeing.data.targets import TargetSet, generated_targets, real_targets
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def build_reconstructor(generator: LayeredGenerator, inversion_layers: Sequence[
     encoder = None
     if init == "hybrid":
         if hybrid is None:
-            from seeing.inversion.hybrid import load_hybrid_encoder
+            from seeing.models.hybrid import load_hybrid_encoder
 
             path = find_hybrid(run_root, model_name, hybrid_file, model_args)
             log.info("hybrid encoder: %s", path)
@@ -100,7 +100,7 @@ def build_reconstructor(generator: LayeredGenerator, inversion_layers: Sequence[
         encoder = hybrid.eval()
     elif init == "direct_encoder":
         if direct_encoder is None:
-            from .direct_encoder import load_direct_encoder
+            from seeing.models.direct_encoder import load_direct_encoder
 
             path = find_direct_encoder(run_root, model_name, direct_encoder_file, model_args)
             log.info("direct encoder: %s", path)

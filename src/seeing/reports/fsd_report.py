@@ -4,7 +4,7 @@ Both sources (``real=``, ``fake=``) are segmented and summarised as per-image cl
 tallies; the tallies are cached (keyed by source, segmenter, N, seed, resolution), so
 re-running a report, or comparing a new generator against the same real set, only
 segments what is new; an interrupted tally resumes from its last saved progress
-(:mod:`seeing.evaluation.tallies`). Outputs in the run directory:
+(:mod:`seeing.reports.tallies`). Outputs in the run directory:
 
 - ``fsd.json``: FSD, its mean and covariance terms, the real-vs-real baseline, the
   ranked most-dropped and most over-generated classes, the full per-class table;
@@ -26,7 +26,7 @@ from seeing.data.sources import GeneratorSource, ImageSource
 from seeing.metrics.fsd import FrechetSegmentationDistance, per_class_table, rank_classes
 from seeing.reporting import WandbReport, save_figure, write_csv, write_json
 
-from .tallies import Tally, cached_tally, segmenter_identity
+from seeing.reports.tallies import Tally, cached_tally, segmenter_identity
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +103,17 @@ def _side_report(source: ImageSource, tally: Tally) -> dict[str, Any]:
     }
 
 
-def _fsd(num_classes: int, real: np.ndarray, fake: np.ndarray) -> tuple[FrechetSegmentationDistance, dict]:
-    metric = FrechetSegmentationDistance(num_classes)
-    metric.update_tally(torch.from_numpy(real), real=True)
-    metric.update_tally(torch.from_numpy(fake), real=False)
-    return metric, {k: float(v) for k, v in metric.compute().items()}
+def accumulate(*targets: tuple[FrechetSegmentationDistance, bool]):
+    """A tally callback that adds each batch of rows to every ``(metric, real)`` in ``targets``."""
+    def on_rows(rows: np.ndarray) -> None:
+        batch = torch.from_numpy(rows)
+        for metric, real in targets:
+            metric.update_tally(batch, real=real)
+    return on_rows
+
+
+def _scores(metric: FrechetSegmentationDistance) -> dict[str, float]:
+    return {k: float(v) for k, v in metric.compute().items()}
 
 
 # FSD's image size: the paper resizes (shorter side, bilinear) and centre-crops to 256 px; the
@@ -186,18 +192,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         progress=bool(m.get("progress", True)),
         checkpoint_every=int(m.get("checkpoint_every", 500)),
     )
-    real_tally = cached_tally(real, description=f"real: {real.describe()}", **common)
-    fake_tally = cached_tally(fake, description=f"fake: {fake.describe()}", **common)
-
-    metric, result = _fsd(num_classes, real_tally.tallies, fake_tally.tallies)
+    # the Metrics accumulate batch by batch as the tallies are made (or read from the cache)
+    metric = FrechetSegmentationDistance(num_classes)
+    noise = FrechetSegmentationDistance(num_classes)  # real vs a second real sample
+    real_tally = cached_tally(real, description=f"real: {real.describe()}",
+                              on_rows=accumulate((metric, True), (noise, True)), **common)
+    fake_tally = cached_tally(fake, description=f"fake: {fake.describe()}", on_rows=accumulate((metric, False)),
+                              **common)
+    result = _scores(metric)
     baseline = None
     if m.get("real_baseline", True):
         # a second real sample of the same size, disjoint from the first: the FSD that
         # sampling noise alone produces, the floor a generator's FSD should be read against
         try:
             other = cached_tally(real, extra_offset=int(m.n), description=f"real (2nd sample): {real.describe()}",
-                                 **common)
-            _, baseline = _fsd(num_classes, real_tally.tallies, other.tallies)
+                                 on_rows=accumulate((noise, False)), **common)
+            baseline = _scores(noise)
             baseline["images"] = int(len(other.tallies))
         except ValueError as e:  # the source holds no second sample (EmptySourceError), or a single image
             log.warning("no real-vs-real baseline: %s", e)

@@ -19,11 +19,12 @@ from typing import Any, Mapping
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from seeing.reconstruct.deltas import load_result
-from seeing.reconstruct.report import (MissingClasses, iou_per_class, latent_correlations, loss_curve_figure,
-                                       missing_figure, rank_agreement, rank_missing)
-from seeing.stages.progress import StepProgressBar
+from seeing.metrics.missing import MissingClasses, iou_per_class
 from seeing.reporting import WandbReport, write_csv, write_json, write_markdown_table
+from seeing.reports.missing_objects import latent_correlations, missing_figure, rank_agreement, rank_missing
+from seeing.stages.progress import StepProgressBar
+from seeing.stages.reconstruct import load_result
+from seeing.stages.reconstruct_files import loss_curve_figure
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def summarize(result: Mapping[str, Any], segmenter: Any, min_fraction: float = 0
               batch_size: int = 32, perceptual: str = "none", vgg_path: str | None = None,
               min_recall: float | None = 0.2) -> dict[str, Any]:
     """Every number of one reconstruction run, plus the label maps the figure needs."""
-    from seeing.reconstruct.report import worse_than_start
+    from seeing.stages.reconstruct_files import worse_than_start
 
     class_names = list(segmenter.class_names)
     k = len(class_names)
@@ -131,7 +132,7 @@ def load_parts(cfg: DictConfig, need_models: bool) -> tuple[Any, Any]:
     import hydra
 
     from seeing.devices import resolve_device
-    from seeing.reconstruct.stage import find_direct_encoder, find_hybrid
+    from seeing.stages.variants import find_direct_encoder, find_hybrid
 
     problems, segmenter, generator = [], None, None
     try:

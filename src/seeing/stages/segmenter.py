@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 from torchvision.transforms.v2 import functional as TF
 
-from ..reporting import save_figure, torch_save_atomic, write_csv, write_json
-from .scenes import ASSET_NAME, SceneSegmenterNet, make_weights_file
+from seeing.reporting import save_figure, torch_save_atomic, write_csv, write_json
+from seeing.segmenters.scenes import ASSET_NAME, SceneSegmenterNet, make_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ class SegmenterTraining(pl.LightningModule):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from ..data.scenes import colorize_labels
+        from seeing.data.scenes import colorize_labels
 
         k = min(self.hparams.figure_images, len(dataset))
         images, labels = zip(*(dataset[i] for i in range(k)))

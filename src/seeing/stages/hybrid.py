@@ -13,10 +13,10 @@ from torch import nn
 from seeing.gans.layered import LATENT, LayeredGenerator
 from seeing.reporting import torch_save_atomic
 
-from .correlation import correlation_error
-from .hybrid import assemble_hybrid_encoder, load_hybrid_encoder
-from .stages import InversionStage
-from .values import feature_tensor
+from seeing.metrics.correlation import correlation_error
+from seeing.models.hybrid import assemble_hybrid_encoder, load_hybrid_encoder
+from seeing.stages.inversion import InversionStage
+from seeing.gans.values import feature_tensor
 
 
 class RealImageStream:

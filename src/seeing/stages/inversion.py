@@ -2,7 +2,7 @@
 
 * ``stage=layerN`` -> :class:`LayerInverterStage`: e_N with r_{N-1} ~ e_N(r_N);
 * ``stage=encoder`` -> :class:`ImageEncoderStage`: E_f from generated images to r_n;
-* ``stage=hybrid`` -> :class:`~seeing.inversion.hybrid_stage.HybridStage`: E = e_1 o ... o e_n o E_f
+* ``stage=hybrid`` -> :class:`~seeing.stages.hybrid.HybridStage`: E = e_1 o ... o e_n o E_f
   assembled from the stage files and fine-tuned end to end (its own module).
 
 They share :class:`InversionStage`: the frozen generator, an endless stream of
@@ -29,11 +29,11 @@ from torchmetrics import MeanSquaredError
 from seeing.gans.layered import LATENT, LayeredGenerator
 from seeing.reporting import save_figure, write_json
 
-from .correlation import MeanCorrelation, correlation_error
-from .encoder import ImageEncoder, encoder_spec
-from .hybrid import check_against_generator, generator_fingerprint, read_layer_inverter, save_inversion_file
-from .inverters import check_chain, inverter_spec, LayerInverter, probe_shapes
-from .values import feature_tensor, with_feature
+from seeing.metrics.correlation import MeanCorrelation, correlation_error
+from seeing.models.image_encoder import ImageEncoder, encoder_spec
+from seeing.models.hybrid import check_against_generator, generator_fingerprint, read_layer_inverter, save_inversion_file
+from seeing.models.inverters import check_chain, inverter_spec, LayerInverter, probe_shapes
+from seeing.gans.values import feature_tensor, with_feature
 
 log = logging.getLogger(__name__)
 

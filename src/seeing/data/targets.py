@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from seeing.gans.layered import LATENT, LayeredGenerator
-from seeing.inversion.values import feature_tensor
+from seeing.gans.values import feature_tensor
 
 log = logging.getLogger(__name__)
 

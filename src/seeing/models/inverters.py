@@ -13,7 +13,7 @@ Two architectures share this module (``InverterSpec.architecture``):
 - ``"seeing"`` (this project's, the default): bias-free 3x3 convs (BatchNorm follows),
   the final 1x1 conv named ``to_previous`` / ``to_latent``;
 - ``"ganseeing"``: the modules of the paper's released code, so that its published
-  encoders load (see :mod:`seeing.inversion.ganseeing_layout`): every conv has a bias,
+  encoders load (see :mod:`seeing.models.ganseeing_layout`): every conv has a bias,
   the layers are named as there (``pnorm``, ``conv1``, ``bn1``, ``relu1``, ``conv2``,
   ``bn2``, ``relu2``, ``conv3``), conv weights start Kaiming-normal and biases at zero.
   The latent inverter is pixel norm, a conv covering the map, BN, leaky ReLU, a 1x1
@@ -39,7 +39,7 @@ from torch import nn
 
 from seeing.gans.layered import LATENT, LayeredGenerator
 
-from .values import feature_tensor
+from seeing.gans.values import feature_tensor
 
 
 class PixelNorm(nn.Module):

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from seeing.reporting import WandbReport, write_bytes_atomic, write_json
+from seeing.reporting import WandbReport, to_uint8, write_bytes_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,6 @@ def _save_png(image: np.ndarray, path: Path) -> None:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     write_bytes_atomic(path, buf.getvalue())
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """N x 3 x H x W in [-1, 1] -> N x H x W x 3 uint8."""
-    return images.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _identity(cfg: DictConfig, generator) -> dict[str, Any]:

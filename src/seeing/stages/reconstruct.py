@@ -41,11 +41,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from seeing.gans.layered import LATENT, LayeredGenerator
-from seeing.inversion.hybrid import latent_value
-from seeing.inversion.values import feature_tensor, with_feature
+from seeing.models.hybrid import latent_value
+from seeing.gans.values import feature_tensor, with_feature
 from seeing.reporting import load_format_file, torch_save_atomic
 
-from .losses import ReconstructionLoss
+from seeing.reconstruct.losses import ReconstructionLoss
 
 log = logging.getLogger(__name__)
 
@@ -378,8 +378,8 @@ class Reconstructor(pl.LightningModule):
                           for c, (s, e) in enumerate(self.chunks)])
 
     def export(self, output_dir: str | Path) -> Path:
-        """``reconstruction.pt`` plus per-image PNG strips and a CSV (see :mod:`seeing.reconstruct.report`)."""
-        from .report import write_per_image_files
+        """``reconstruction.pt`` plus per-image PNG strips and a CSV (see :mod:`seeing.reports.missing_objects`)."""
+        from seeing.stages.reconstruct_files import write_per_image_files
 
         result = self.result()
         path = torch_save_atomic(result, Path(output_dir) / RESULT_FILE)

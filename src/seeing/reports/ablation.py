@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from seeing.reconstruct.deltas import RESULT_FILE, load_result
-from seeing.reconstruct.report import to_uint8
+from seeing.stages.reconstruct import RESULT_FILE, load_result
+from seeing.reporting import to_uint8
 from seeing.reporting import WandbReport, save_figure, write_csv, write_json, write_markdown_table
 
-from .reconstruction import _min_recall, fsd_comparison, summarize
+from seeing.reports.reconstruction import _min_recall, fsd_comparison, summarize
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ import torch
 from seeing.gans.layered import LATENT
 from seeing.state_dicts import load_exact
 
-from .encoder import EncoderSpec, ImageEncoder
-from .inverters import InverterSpec, LayerInverter
+from seeing.models.image_encoder import EncoderSpec, ImageEncoder
+from seeing.models.inverters import InverterSpec, LayerInverter
 
 LAYOUT = "ganseeing_hybrid"
 DESCRIPTION = ("the paper's released hybrid encoder (church/bedroom_invert_hybrid_cse-*.pth): a state dict with "

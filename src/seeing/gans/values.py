@@ -34,23 +34,3 @@ def with_feature(value: Any, t: torch.Tensor) -> Any:
     if hasattr(value, "_fields") and "ws" in value._fields:
         return value._replace(ws=t) if value.x is None else value._replace(x=t)
     raise TypeError(f"cannot replace the feature tensor of a {type(value).__name__}")
-
-
-def batch_template(value: Any) -> Any:
-    """A batch-size-free template of ``value`` for rebuilding latents from tensors.
-
-    Only the structure matters: a plain tensor becomes None (the latent *is* the tensor),
-    a styled state right after the mapping keeps its type with tensors dropped.
-    """
-    if torch.is_tensor(value):
-        return None
-    if hasattr(value, "_fields") and "ws" in value._fields:
-        if value.x is not None:
-            raise ValueError("a latent must be a tensor or a styled state without a feature map")
-        return type(value)(None, value.ws[:0])
-    raise TypeError(f"cannot use a {type(value).__name__} as a latent")
-
-
-def value_from_tensor(template: Any, t: torch.Tensor) -> Any:
-    """The latent value for tensor ``t`` given a :func:`batch_template` (None: the tensor itself)."""
-    return t if template is None else with_feature(template, t)

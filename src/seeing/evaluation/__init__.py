@@ -1,1 +1,0 @@
-"""Evaluation jobs run by ``python evaluate.py metric=<name>``; each module offers ``run(cfg)``."""
