@@ -11,7 +11,11 @@ Resolvers (registered on import; ``train.py`` and ``evaluate.py`` import this mo
 * ``${path_stem:path}``: a file or folder name without its suffix (names folder/LSUN sources);
 * ``${side_offset:real_value,fake_value}``: for a source config placed under ``fake``, the second
   value, else the first. One source definition serves ``real=`` and ``fake=``; a synthetic
-  world drawn on both sides must not draw the same images twice.
+  world drawn on both sides must not draw the same images twice;
+* ``${reconstruct_targets:kind,chosen,default,model_args}``: the photos ``stage=reconstruct``
+  reconstructs: none for ``kind=generated``, else the ``real=`` source when one was chosen, else
+  the recipe's default (the embedded world's held-out scenes); a public model's recipe has
+  none, and the run stops (:class:`RequiredChoice`) naming the overrides to add.
 
 Checks (:func:`check_config`): a mandatory value (``???``) that the run reads is unset.
 Unknown group options (``variant=z``) and unknown keys (``stage.lr_typo=1``) are refused by
@@ -49,11 +53,33 @@ def side_offset(real_value: Any, fake_value: Any, *, _parent_: Any) -> Any:
     return fake_value if _parent_ is not None and _parent_._key() == "fake" else real_value
 
 
+class RequiredChoice(ValueError):
+    """A choice the run needs that has no default for this model (raised while resolving)."""
+
+
+def missing_targets_message(model_args: str = "") -> str:
+    """What to add when a reconstruction has no photos to reconstruct."""
+    who = f" of {model_args}" if model_args else ""
+    return (f"stage=reconstruct{who} has no default photos (the paper's recipe names none): add "
+            f"real=folder real.path=/path/to/photos or real=lsun real.path=/path/to/lmdb, or reconstruct "
+            f"the model's own samples with stage.targets.kind=generated")
+
+
+def reconstruct_targets(kind: str, chosen: Any, default: Any, model_args: str = "") -> Any:
+    if kind != "real":
+        return None  # generated targets read no image source
+    if chosen is not None:
+        return chosen
+    if default is not None:
+        return default
+    raise RequiredChoice(missing_targets_message(model_args))
+
+
 def register_resolvers() -> None:
     from seeing.stage_files import model_args
 
     for name, fn in (("model_id", model_id), ("model_args", model_args), ("path_stem", path_stem),
-                     ("side_offset", side_offset)):
+                     ("side_offset", side_offset), ("reconstruct_targets", reconstruct_targets)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 
@@ -97,6 +123,8 @@ def unset_keys(cfg: DictConfig, roots: Iterable[str]) -> list[str]:
                 cause = err.__cause__
                 if isinstance(cause, MissingMandatoryValue):
                     missing[str(getattr(cause, "full_key", "") or path)] = None
+                elif isinstance(cause, RequiredChoice):
+                    raise cause from None
                 elif isinstance(cause, ValueError) and str(cause) == unset_checkpoint_message(cfg.model.name):
                     missing["model.checkpoint"] = None
                 else:

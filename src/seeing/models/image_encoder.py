@@ -14,7 +14,8 @@ reaches are pooled/resampled to r_n's size at the end.
 Two heads (``EncoderSpec.architecture``): ``"seeing"`` (this project's) is 1x1 conv,
 leaky ReLU, 1x1 conv; ``"ganseeing"`` is the paper's released encoder, whose trunk
 ends in a single 1x1 conv straight to r_n's channels followed by a leaky ReLU (slope
-0.2), so that its output resembles the generator's post-activation features.
+0.2), so that its output resembles the generator's post-activation features; its
+trunk starts, as the reference's, from PyTorch's default layer initialisation.
 """
 from __future__ import annotations
 
@@ -110,6 +111,11 @@ class ImageEncoder(nn.Module):
                 raise ValueError(f"the ganseeing head maps straight to {c} channels; head_channels is "
                                  f"{spec.head_channels}")
             self.head = nn.Sequential(nn.Conv2d(trunk_channels, c, 1), nn.LeakyReLU(0.2))
+            # the reference's ResNet (its customnet.CustomResNet) starts from PyTorch's default
+            # initialisation, not torchvision's ResNet one (Kaiming fan-out convs)
+            for module in self.trunk.modules():
+                if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
+                    module.reset_parameters()
         else:
             self.head = nn.Sequential(
                 nn.Conv2d(trunk_channels, spec.head_channels, 1),

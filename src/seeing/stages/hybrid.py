@@ -60,6 +60,25 @@ class RealImageStream:
         return self._heldout
 
 
+def freeze_modules(module: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Stop training the sub-modules of ``module`` whose names match ``patterns`` (``fnmatch``);
+    returns their names. Each pattern must match at least one module holding parameters."""
+    from fnmatch import fnmatchcase
+
+    named = {name: m for name, m in module.named_modules() if name and any(True for _ in m.parameters())}
+    frozen = []
+    for pattern in patterns:
+        hits = [name for name in named if fnmatchcase(name, str(pattern))]
+        if not hits:
+            convs = sorted(name for name, m in named.items() if isinstance(m, nn.Conv2d) and "inverters." in name)
+            raise ValueError(f"stage.freeze: {pattern!r} names no module of this hybrid encoder; its inverters' "
+                             f"convs are {', '.join(convs)}")
+        for name in hits:
+            named[name].requires_grad_(False)
+        frozen += [h for h in hits if h not in frozen]
+    return frozen
+
+
 class HybridStage(InversionStage):
     """``stage=hybrid``: assembles E from the layer and encoder stage files and fine-tunes it.
 
@@ -76,6 +95,11 @@ class HybridStage(InversionStage):
     ``stage_files`` names them (``{"layer3": path, "encoder": path}``); ``hybrid_file``
     starts instead from an existing hybrid encoder (to fine-tune it further, or to score
     it on the held-out latents with :meth:`heldout_scores`).
+    ``freeze``: sub-modules of the encoder kept as they are (their parameters are not trained),
+    named as in ``encoder.named_modules()`` or by ``fnmatch`` patterns, e.g.
+    ``["inverters.*.net.conv3"]``: the final 1x1 conv of every map inverter, which the paper's
+    reference code freezes (redundant with the next inverter's first conv). A name that
+    matches no parameterised module is an error.
     """
 
     DEFAULT_WEIGHTS = {"r_n": 1.0, "z": 1.0, "regen": 1.0, "pixel": 1.0, "real_pixel": 0.0}
@@ -85,7 +109,7 @@ class HybridStage(InversionStage):
                  weights: Mapping[str, float] | None = None, hybrid_file: str | Path | None = None,
                  real_source: Any = None, real_batch_size: int = 32,
                  real_pool: int | None = None, real_val_size: int = 64, real_val_offset: int = 1_900_000,
-                 model_args: str = "", **kwargs):
+                 model_args: str = "", freeze: Sequence[str] = (), **kwargs):
         super().__init__(generator, inversion_layers, name, model_name=model_name, **kwargs)
         unknown = set(weights or {}) - set(self.DEFAULT_WEIGHTS)
         if unknown:
@@ -109,6 +133,7 @@ class HybridStage(InversionStage):
             self.encoder = assemble_hybrid_encoder(generator, self.inversion_layers, run_root, model_name,
                                                    dict(stage_files or {}), model_args)
         self.target = self.inversion_layers[-1]
+        self.frozen_modules = freeze_modules(self.encoder, freeze)
 
     def trained_modules(self) -> nn.Module:
         return self.encoder

@@ -37,6 +37,7 @@ from seeing.gans.values import feature_tensor, with_feature
 
 log = logging.getLogger(__name__)
 
+LR_DECAYS = ("cosine", "none", "multistep")
 # Training batch k draws its latents with seed TRAIN_SEED_BASE * (train_seed + 1) + k; the
 # held-out set uses seed val_seed, far below, so training never sees a held-out latent.
 TRAIN_SEED_BASE = 1_000_000_007
@@ -67,7 +68,9 @@ class InversionStage(pl.LightningModule):
             model config's ``inversion_layers``; the last is r_n, E_f's target).
         name: the stage's name; names the exported file ``<output_dir>/<name>.pt``.
         model_name: recorded in the exported file.
-        batch_size, lr, betas, weight_decay, lr_decay ("cosine" over max_steps, or "none").
+        batch_size, lr, betas, weight_decay: Adam's.
+        lr_decay: "cosine" (over max_steps, to 1% of lr), "none", or "multistep": lr x ``gamma``
+            at each of the ``milestones`` (absolute step numbers; the paper's schedules).
         val_size, val_batch_size, val_seed: the fixed held-out latents.
         train_seed: selects the training stream.
         grid_size: how many held-out samples the image grids show.
@@ -85,6 +88,8 @@ class InversionStage(pl.LightningModule):
         betas: Sequence[float] = (0.9, 0.999),
         weight_decay: float = 0.0,
         lr_decay: str = "cosine",
+        milestones: Sequence[int] = (),
+        gamma: float = 0.1,
         val_size: int = 256,
         val_batch_size: int = 64,
         val_seed: int = 0,
@@ -102,8 +107,12 @@ class InversionStage(pl.LightningModule):
                     hp[k] = OmegaConf.to_container(v, resolve=True)
         if not isinstance(generator, LayeredGenerator):
             raise TypeError(f"generator must be a LayeredGenerator, got {type(generator).__name__}")
-        if lr_decay not in ("cosine", "none"):
-            raise ValueError(f"lr_decay must be 'cosine' or 'none', got {lr_decay!r}")
+        if lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {', '.join(LR_DECAYS)}, got {lr_decay!r}")
+        if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones):
+            raise ValueError(f"stage.milestones={list(milestones)}: give absolute step numbers (whole numbers >= 1)")
+        if not gamma > 0:
+            raise ValueError(f"stage.gamma={gamma}: must be positive")
         self.generator = generator.eval().requires_grad_(False)
         self.inversion_layers = list(inversion_layers)
         # "z", or the layer whose output is the latent searched (``mapping`` for style-based models)
@@ -172,8 +181,14 @@ class InversionStage(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = torch.optim.Adam(self.trained_modules().parameters(), lr=self.hparams.lr,
+        # frozen parameters (the hybrid stage's ``freeze``) are left out
+        params = [p for p in self.trained_modules().parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=self.hparams.lr,
                                betas=tuple(self.hparams.betas), weight_decay=self.hparams.weight_decay)
+        if self.hparams.lr_decay == "multistep":
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=sorted(self.hparams.milestones),
+                                                         gamma=self.hparams.gamma)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         steps = self._trainer.max_steps if self._trainer is not None else -1
         if self.hparams.lr_decay == "none" or steps is None or steps <= 0:
             return opt
@@ -315,14 +330,16 @@ class LayerInverterStage(InversionStage):
 
     Loss: correlation error between r_{N-1} and e_N(r_N), plus ``regen_weight`` times
     the correlation error between r_N and g_N(e_N(r_N)). ``index`` is N (1-based) in
-    ``inversion_layers``. ``inverter_file`` starts from an existing inverter file instead of
-    random weights (to train it further, or, with ``max_steps=0``, to score it and write it
-    again, e.g. rounded to float16 with ``export_half``).
+    ``inversion_layers``. ``architecture``: ``"seeing"`` (this project's inverter) or
+    ``"ganseeing"`` (the paper's released modules, see :mod:`seeing.models.inverters`).
+    ``inverter_file`` starts from an existing inverter file instead of random weights (to train
+    it further, or, with ``max_steps=0``, to score it and write it again, e.g. rounded to
+    float16 with ``export_half``).
     """
 
     def __init__(self, generator: LayeredGenerator, inversion_layers: Sequence[str], index: int,
                  name: str | None = None, hidden_channels: int | None = None, regen_weight: float = 0.01,
-                 inverter_file: str | Path | None = None, **kwargs):
+                 inverter_file: str | Path | None = None, architecture: str = "seeing", **kwargs):
         layers = list(inversion_layers)
         if not 1 <= int(index) <= len(layers):
             raise ValueError(f"stage layer{index}: this model inverts {len(layers)} layers ({layers}); "
@@ -330,17 +347,21 @@ class LayerInverterStage(InversionStage):
         super().__init__(generator, layers, name or f"layer{index}", **kwargs)
         self.layer = layers[int(index) - 1]
         if inverter_file:
-            self.inverter = self._load_inverter(Path(inverter_file), hidden_channels)
+            self.inverter = self._load_inverter(Path(inverter_file), hidden_channels, architecture)
         else:
-            self.inverter = LayerInverter(inverter_spec(generator, self.layer, hidden_channels))
+            self.inverter = LayerInverter(inverter_spec(generator, self.layer, hidden_channels, architecture))
         self.target = self.inverter.spec.target
         self.regen_weight = float(regen_weight)
 
-    def _load_inverter(self, path: Path, hidden_channels: int | None) -> LayerInverter:
+    def _load_inverter(self, path: Path, hidden_channels: int | None, architecture: str) -> LayerInverter:
         inverter, meta = read_layer_inverter(path, self.layer)
         if hidden_channels and int(hidden_channels) != inverter.spec.hidden_channels:
             raise ValueError(f"{path} has hidden_channels {inverter.spec.hidden_channels}, the config asks for "
                              f"{hidden_channels}: drop stage.hidden_channels to continue that file")
+        if architecture != inverter.spec.architecture:
+            raise ValueError(f"{path} holds a {inverter.spec.architecture!r} inverter, the config asks for "
+                             f"{architecture!r}: set stage.architecture={inverter.spec.architecture} to continue "
+                             f"that file")
         check_against_generator(self.generator, {self.layer: inverter}, source=str(path))
         self.record_start(path, meta)
         return inverter
@@ -378,15 +399,18 @@ class LayerInverterStage(InversionStage):
 
 
 class ImageEncoderStage(InversionStage):
-    """``stage=encoder``: trains E_f (ResNet-18 trunk + 1x1 conv head) from G(z) to r_n with MSE."""
+    """``stage=encoder``: trains E_f (ResNet-18 trunk + 1x1 conv head) from G(z) to r_n with MSE.
+    ``architecture``: the head, ``"seeing"`` (1x1 conv, leaky ReLU, 1x1 conv) or ``"ganseeing"``
+    (the paper's: one 1x1 conv and a leaky ReLU)."""
 
     def __init__(self, generator: LayeredGenerator, inversion_layers: Sequence[str], name: str = "encoder",
-                 trunk_stages: int | str = "auto", head_channels: int | None = None, **kwargs):
+                 trunk_stages: int | str = "auto", head_channels: int | None = None, architecture: str = "seeing",
+                 **kwargs):
         super().__init__(generator, inversion_layers, name, **kwargs)
         self.target = self.inversion_layers[-1]
         shape = probe_shapes(generator, [self.target])[self.target]
         self.encoder = ImageEncoder(encoder_spec(generator.resolution, shape, self.target, trunk_stages,
-                                                 head_channels))
+                                                 head_channels, architecture))
 
     def trained_modules(self) -> nn.Module:
         return self.encoder

@@ -45,6 +45,7 @@ from seeing.models.hybrid import latent_value
 from seeing.gans.values import feature_tensor, with_feature
 from seeing.reporting import load_format_file, torch_save_atomic
 
+from seeing.reconstruct.lbfgs import PerImageLBFGS
 from seeing.reconstruct.losses import ReconstructionLoss
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ RESULT_FILE = "reconstruction.pt"
 RESULT_FORMAT = "seeing.reconstruct/v1"
 # submodules rebuilt from their own files on resume, kept out of checkpoints
 _FROZEN_PREFIXES = ("generator.", "loss.")
+OPTIMIZERS = ("adam", "lbfgs")
 
 
 def correction_positions(optimize: str, inversion_layers: Sequence[str], latent: bool = False) -> list[str]:
@@ -135,14 +137,20 @@ class Reconstructor(pl.LightningModule):
         extras: per-image tensors carried to the result file untouched (true latents, labels, ids).
         meta: anything JSON-able describing the run (variant, target source, command).
         latent_name: where the latent enters the generator (see :func:`render`).
+        optimizer: ``"adam"``, or ``"lbfgs"``: :class:`~seeing.reconstruct.lbfgs.PerImageLBFGS` (the
+            paper's variant e), one L-BFGS iteration per step with ``lr`` its initial step length;
+            every image keeps its own history and line search, so images stay independent.
     """
 
     def __init__(self, generator: LayeredGenerator, targets: torch.Tensor, init_latents: torch.Tensor,
                  positions: Sequence[str], loss: ReconstructionLoss | None = None, steps: int = 3000,
                  lr: float = 0.01, milestones: Sequence[float] = (0.5, 0.75), gamma: float = 0.1,
                  batch_size: int = 8, record: Sequence[str] = (), extras: Mapping[str, Any] | None = None,
-                 meta: Mapping[str, Any] | None = None, latent_name: str = LATENT):
+                 meta: Mapping[str, Any] | None = None, latent_name: str = LATENT, optimizer: str = "adam"):
         super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
+        self.optimizer_name = optimizer
         if targets.ndim != 4 or targets.shape[1] != 3:
             raise ValueError(f"targets must be N x 3 x H x W, got {tuple(targets.shape)}")
         if targets.shape[-1] != generator.resolution or targets.shape[-2] != generator.resolution:
@@ -223,7 +231,10 @@ class Reconstructor(pl.LightningModule):
             return None
         pairs = []
         for chunk in self.deltas:
-            opt = torch.optim.Adam(chunk.parameters(), lr=self.lr)
+            if self.optimizer_name == "lbfgs":
+                opt = PerImageLBFGS(chunk.parameters(), lr=self.lr)
+            else:
+                opt = torch.optim.Adam(chunk.parameters(), lr=self.lr)
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=self.milestones, gamma=self.gamma)
             pairs.append((opt, sched))
         return [o for o, _ in pairs], [s for _, s in pairs]
@@ -242,6 +253,8 @@ class Reconstructor(pl.LightningModule):
         scheds = scheds if isinstance(scheds, list) else [scheds]
         s, e = self.chunks[c]
         deltas = self.chunk_deltas(c)
+        if self.optimizer_name == "lbfgs":
+            return self._lbfgs_step(c, step, opts[c], scheds[c], last=k + 1 >= self.total_steps)
         image, _ = render(self.generator, self.init_latents[s:e], deltas, latent_name=self.latent_name)
         terms = self.loss.terms(image, self.targets[s:e], deltas)
         per_image = terms["loss"]
@@ -287,6 +300,48 @@ class Reconstructor(pl.LightningModule):
         if k + 1 >= self.total_steps:
             self.trainer.should_stop = True
         return live_loss.sum().detach()
+
+    def _lbfgs_step(self, c: int, step: int, opt: Any, sched: Any, last: bool) -> torch.Tensor:
+        """One L-BFGS iteration for chunk ``c`` (up to 10 line-search evaluations of its loss).
+
+        The curves record the loss and pixel L1 where the step started, as the Adam steps do.
+        Images whose starting loss is not finite are flagged ``diverged`` and never moved; the
+        line search accepts only finite values, so no other image can diverge later."""
+        import contextlib
+
+        s, e = self.chunks[c]
+        deltas = self.chunk_deltas(c)
+
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            image, _ = render(self.generator, self.init_latents[s:e], deltas, latent_name=self.latent_name)
+            terms = self.loss.terms(image, self.targets[s:e], deltas)
+            # SUM of per-image losses: each image's gradient is its own; no gradient is shared across
+            # processes either (each image belongs to one)
+            with getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)():
+                self.manual_backward(terms["loss"].sum())
+            return terms["loss"], {"pixel": terms["pixel"]}
+
+        loss, extras = opt.step(closure=closure)
+        sched.step()
+        frozen = opt.optimizer.frozen() if hasattr(opt, "optimizer") else opt.frozen()
+        newly = frozen & ~self.diverged[s:e]
+        if newly.any():
+            log.warning("non-finite reconstruction loss at the start for images %s: they are not optimised",
+                        (s + torch.nonzero(newly).flatten()).tolist())
+        self.diverged[s:e] = frozen
+        if hasattr(self, "optimised_steps"):  # (counted per image where kept)
+            self.optimised_steps[s:e] += 1
+        nan = torch.full_like(loss, float("nan"))
+        self.loss_curves[s:e, step] = torch.where(frozen, nan, loss)
+        self.pixel_curves[s:e, step] = torch.where(frozen, nan, extras["pixel"])
+        live = ~frozen
+        if live.any():
+            self.log("train/loss", loss[live].mean(), prog_bar=True)
+            self.log("train/pixel", extras["pixel"][live].mean())
+        if last:
+            self.trainer.should_stop = True
+        return torch.where(frozen, torch.zeros_like(loss), loss).sum()
 
     @torch.no_grad()
     def on_train_end(self) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from seeing.config import missing_targets_message
 from seeing.gans.layered import LATENT, LayeredGenerator
 from seeing.models.inverters import check_chain
 from seeing.stage_files import find_stage_file, make_command
@@ -28,6 +29,7 @@ from seeing.reconstruct.losses import ReconstructionLoss
 from seeing.data.targets import TargetSet, generated_targets, real_targets
 
 log = logging.getLogger(__name__)
+
 
 def find_hybrid(run_root: str | Path, model_id: str, explicit: str | Path | None = None, model: str = "") -> Path:
     """The hybrid encoder file: ``explicit``, the stage output, or the shipped asset."""
@@ -50,7 +52,7 @@ def build_targets(generator: LayeredGenerator, targets: Mapping[str, Any], recor
     if kind == "real":
         source = targets.get("source")
         if source is None:
-            raise ValueError("targets.kind=real needs targets.source (an image source config)")
+            raise ValueError(missing_targets_message())
         if not hasattr(source, "batches"):
             import hydra
 
@@ -67,11 +69,13 @@ def build_reconstructor(generator: LayeredGenerator, inversion_layers: Sequence[
                         milestones: Sequence[float] = (0.5, 0.75), gamma: float = 0.1, batch_size: int = 8,
                         hybrid_file: str | None = None, direct_encoder_file: str | None = None, model_args: str = "",
                         init_seed: int = 0, hybrid: torch.nn.Module | None = None,
-                        direct_encoder: torch.nn.Module | None = None) -> Reconstructor:
+                        direct_encoder: torch.nn.Module | None = None, optimizer: str = "adam") -> Reconstructor:
     """The reconstruct stage's module for one variant (``init`` x ``optimize``).
 
     ``hybrid`` / ``direct_encoder`` may be given as modules (tests); otherwise they are
-    loaded from their files (see :func:`find_hybrid`, :func:`find_direct_encoder`).
+    loaded from their files (see :func:`find_hybrid`, :func:`find_direct_encoder`). The hybrid
+    encoder is also the ``E`` of the loss's encoder term (``loss.encoder_weight > 0``, the
+    paper's variant e). ``optimizer``: ``adam`` or ``lbfgs`` (see :class:`Reconstructor`).
     """
     for key, value, least in (("stage.steps", steps, 0), ("stage.batch_size", batch_size, 1),
                               ("stage.targets.count", targets.get("count", 16), 1), ("stage.lr", lr, None)):
@@ -86,7 +90,9 @@ def build_reconstructor(generator: LayeredGenerator, inversion_layers: Sequence[
     record = [LATENT] + layers
     target_set = build_targets(generator, targets, record, latent_name)
     encoder = None
-    if init == "hybrid":
+    loss = dict(loss or {})
+    encoder_term = float(loss.get("encoder_weight", 0.0) or 0.0) > 0
+    if init == "hybrid" or encoder_term:
         if hybrid is None:
             from seeing.models.hybrid import load_hybrid_encoder
 
@@ -97,7 +103,11 @@ def build_reconstructor(generator: LayeredGenerator, inversion_layers: Sequence[
             except ValueError as e:  # e.g. the shipped encoder next to a user's own generator
                 raise ValueError(f"{e}. Train a hybrid encoder for this generator with "
                                  f"`{make_command('hybrid', model_args or f'model={model_name}', run_root)}`") from e
-        encoder = hybrid.eval()
+        hybrid = hybrid.eval()
+    if encoder_term:
+        loss["encoder"] = hybrid
+    if init == "hybrid":
+        encoder = hybrid
     elif init == "direct_encoder":
         if direct_encoder is None:
             from seeing.models.direct_encoder import load_direct_encoder
@@ -110,7 +120,8 @@ def build_reconstructor(generator: LayeredGenerator, inversion_layers: Sequence[
                          latent_name=latent_name)
     meta = {"name": name, "variant": dict(variant), "model": model_name, "init": init, "positions": positions,
             "targets": target_set.description, "target_kind": target_set.kind, "steps": int(steps),
-            "lr": float(lr), "command": " ".join(["python", *sys.argv])}
-    return Reconstructor(generator, target_set.images, z0, positions, ReconstructionLoss(**dict(loss or {})),
+            "lr": float(lr), "optimizer": optimizer, "command": " ".join(["python", *sys.argv])}
+    return Reconstructor(generator, target_set.images, z0, positions, ReconstructionLoss(**loss),
                          steps=steps, lr=lr, milestones=list(milestones), gamma=gamma, batch_size=batch_size,
-                         record=record, extras=target_set.extras(), meta=meta, latent_name=latent_name)
+                         record=record, extras=target_set.extras(), meta=meta, latent_name=latent_name,
+                         optimizer=optimizer)
