@@ -64,3 +64,35 @@ def compose(tmp_path):
         return compose_config(config_name, overrides or [], run_root=tmp_path / "runs")
 
     return _compose
+
+
+def run_entry(script: str, args: list[str], cwd: Path, check: bool = True):
+    """``python <script>.py <args>`` (train or evaluate) in a subprocess, as a user runs it: W&B offline,
+    one torch thread. With ``check``, a non-zero exit fails the test showing the end of stderr."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WANDB_MODE": "offline", "SEEING_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / f"{script}.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if check:
+        assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+@pytest.fixture(scope="session")
+def tiny_gan_files(tmp_path_factory):
+    """A random 16x16 ProGAN in the project's generator file format and a random hybrid encoder for it."""
+    import torch
+
+    from seeing.gans import ProGANGenerator, save_generator
+    from seeing.models.hybrid import new_hybrid_encoder
+    from seeing.reporting import torch_save_atomic
+
+    root = tmp_path_factory.mktemp("tiny_gan")
+    torch.manual_seed(0)
+    g = ProGANGenerator(z_dim=16, widths=[16, 16, 8])
+    gen = save_generator(g, root / "tiny_progan.pt", meta={"z_dim": 16, "widths": [16, 16, 8]})
+    hybrid = torch_save_atomic(new_hybrid_encoder(g, ["layer1", "layer2", "layer3", "layer4"]).to_file_dict(),
+                               root / "hybrid.pt")
+    return gen, hybrid

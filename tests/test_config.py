@@ -3,9 +3,6 @@ loudly, before any work. Composed with Hydra's compose API; the multirun cases r
 entry point in a subprocess."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,7 @@ from seeing.config import check_config, unset_keys
 from seeing.stages.progress import StepProgressBar, step_budget
 from seeing.stages.trainer import build_trainer
 
-from conftest import QUICK_TRAIN, REPO
+from conftest import REPO, run_entry
 
 STAGES = ["segmenter", "gan", "layer1", "layer2", "layer3", "layer4", "encoder", "hybrid", "direct_encoder",
           "reconstruct"]
@@ -140,36 +137,17 @@ def test_progress_bar_counts_steps_of_the_budget(compose):
     assert step_budget(uncapped, Planned()) == 12
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "SEEING_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
 def test_unknown_variant_fails_listing_the_variants_and_writes_nothing(tmp_path):
     runs = tmp_path / "runs"
-    done = _run([str(REPO / "train.py"), "stage=reconstruct", "variant=z", f"paths.run_root={runs}"], tmp_path)
+    done = run_entry("train", ["stage=reconstruct", "variant=z", f"paths.run_root={runs}"], tmp_path, check=False)
     assert done.returncode != 0
     assert "Could not find 'variant/z'" in done.stderr and all(f"\t{v}\n" in done.stderr for v in "abcdef")
     assert not runs.exists()
     # in a sweep, the bad value fails before the good one runs
-    done = _run([str(REPO / "train.py"), "-m", "stage=reconstruct", "variant=b,zz", f"paths.run_root={runs}"], tmp_path)
+    done = run_entry("train", ["-m", "stage=reconstruct", "variant=b,zz", f"paths.run_root={runs}"], tmp_path,
+                     check=False)
     assert done.returncode != 0 and "variant/zz" in done.stderr
     assert not list(runs.rglob("reconstruct_*"))
-
-
-@pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory):
-    from seeing.gans import ProGANGenerator, save_generator
-    from seeing.models.hybrid import new_hybrid_encoder
-    from seeing.reporting import torch_save_atomic
-
-    root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    g = ProGANGenerator(z_dim=16, widths=[16, 16, 8])
-    gen = save_generator(g, root / "tiny_progan.pt", meta={"z_dim": 16, "widths": [16, 16, 8]})
-    hybrid = torch_save_atomic(new_hybrid_encoder(g, ["layer1", "layer2", "layer3", "layer4"]).to_file_dict(),
-                               root / "hybrid.pt")
-    return gen, hybrid
 
 
 def wandb_records(path: Path):
@@ -213,14 +191,13 @@ def wandb_run_summary(folder: Path) -> dict:
     return out
 
 
-def test_a_variant_sweep_writes_one_folder_per_variant_with_the_overrides_applied(tiny_files, tmp_path):
-    gen, hybrid = tiny_files
+def test_a_variant_sweep_writes_one_folder_per_variant_with_the_overrides_applied(tiny_gan_files, tmp_path):
+    gen, hybrid = tiny_gan_files
     runs = tmp_path / "runs"
-    done = _run([str(REPO / "train.py"), "-m", "stage=reconstruct", "variant=a,d", f"paths.run_root={runs}",
+    done = run_entry("train", ["-m", "stage=reconstruct", "variant=a,d", f"paths.run_root={runs}",
                  f"model.checkpoint={gen}", f"stage.hybrid_file={hybrid}", "stage.steps=2", "stage.targets.count=2",
                  "stage.batch_size=2", "trainer.max_steps=3", "logger=wandb", "trainer.enable_progress_bar=false",
                  "trainer.enable_model_summary=false"], tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
     folders = {v: runs / "scenes_progan-tiny_progan" / f"reconstruct_real_{v}" for v in "ad"}
     for v, folder in folders.items():
         assert (folder / "reconstruction.pt").is_file(), v
@@ -238,4 +215,7 @@ def test_a_variant_sweep_writes_one_folder_per_variant_with_the_overrides_applie
         assert run["config"]["variant"]["name"] == v and run["config"]["trainer"]["max_steps"] == 3
         assert run["job_type"] == f"reconstruct_real_{v}" and run["name"].endswith(f"reconstruct_real_{v}")
         assert "final/pixel_l1" in run["metrics"], run["metrics"]
+        # the per-image table and the image table (target | start | reconstruction) reach W&B too
+        for table in ("reconstruct/per_image", "reconstruct/images"):  # W&B records a table as its fields
+            assert f"{table}/_type" in run["metrics"] and f"{table}/nrows" in run["metrics"], run["metrics"]
     assert runs_seen["a"]["group"] == runs_seen["d"]["group"] and runs_seen["a"]["group"].startswith("grid-")

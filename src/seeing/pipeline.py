@@ -102,10 +102,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = build_loggers(cfg)
     trainer = build_trainer(cfg, callbacks, loggers or False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
-    if hasattr(module, "export") and trainer.is_global_zero:
+    if hasattr(module, "export") and trainer.is_global_zero:  # written once, by process 0
         path = module.export(Path(cfg.output_dir))
         log.info("exported %s", path)
         print(f"[{cfg.stage.name}] wrote {path}")
+    trainer.strategy.barrier("export")  # the other processes end only once the file is there
     print(f"[{cfg.stage.name}] outputs in {cfg.output_dir}")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     for lg in loggers:

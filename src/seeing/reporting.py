@@ -14,7 +14,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -191,9 +191,17 @@ class WandbReport:
         if self.run is not None:
             self.run.log(dict(metrics))
 
-    def log_image(self, key: str, path: str | Path) -> None:
+    def log_image(self, key: str, image: str | Path | np.ndarray) -> None:
+        """A PNG file, or an H x W x 3 uint8 array."""
         if self.run is not None:
-            self.run.log({key: self._wandb.Image(str(path))})
+            self.run.log({key: self._wandb.Image(image if isinstance(image, np.ndarray) else str(image))})
+
+    def log_image_table(self, key: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        """A table whose array cells (H x W x 3 uint8) are shown as images."""
+        if self.run is not None and rows:
+            cols = list(rows[0].keys())
+            cell = lambda v: self._wandb.Image(v) if isinstance(v, np.ndarray) else v  # noqa: E731
+            self.run.log({key: self._wandb.Table(columns=cols, data=[[cell(r[c]) for c in cols] for r in rows])})
 
     def log_table(self, key: str, rows: Sequence[Mapping[str, Any]]) -> None:
         if self.run is not None and rows:
@@ -204,8 +212,3 @@ class WandbReport:
         if self.run is not None:
             self.run.finish()
             self.run = None
-
-
-def iter_chunks(seq: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for i in range(0, len(seq), size):
-        yield seq[i : i + size]

@@ -5,6 +5,7 @@ layout must match the module exactly, and both may build the module on the meta 
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Iterable, Mapping
 
 import torch
@@ -42,3 +43,15 @@ def load_exact(module: nn.Module, state: Mapping[str, torch.Tensor], what: str,
     # assign=True adopts the file's tensors, so a module built on the meta device (no
     # wasted random init of tens of millions of weights) comes out fully materialised.
     module.load_state_dict(full, strict=True, assign=True)
+
+
+def fingerprint(module: nn.Module) -> str:
+    """sha256 of a module's state (names, shapes, dtypes and values): what results made with the
+    module depend on, however it was loaded. The one fingerprint: tally cache keys and sample
+    folders use it whole, inversion files record its first 16 digits for their generator."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        t = tensor.detach().cpu().contiguous().reshape(-1)  # 1-d: 0-d tensors cannot be viewed as bytes
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()

@@ -17,6 +17,7 @@ that holds no images at all is an error.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -27,10 +28,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+from seeing.state_dicts import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +86,12 @@ class ImageSource:
 
 
 def _resize_square(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Square images (generator samples, scenes) at ``resolution``, bilinear with antialiasing."""
     if images.shape[-1] == resolution and images.shape[-2] == resolution:
         return images
-    return F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.resize(images, [resolution, resolution], antialias=True)
 
 
 def instantiate_unwrapped(cfg: Any) -> Any:
@@ -101,17 +106,6 @@ def instantiate_unwrapped(cfg: Any) -> Any:
         if isinstance(e.__cause__, FileNotFoundError):
             raise e.__cause__ from None
         raise
-
-
-def module_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 of a module's state (names, shapes, dtypes and values): what cached results that
-    came from the module depend on, however the module was loaded."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        t = tensor.detach().cpu().contiguous().reshape(-1)  # 1-d: 0-d tensors cannot be viewed as bytes
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------- scenes world
@@ -159,18 +153,21 @@ class ScenesSource(ImageSource):
 # ---------------------------------------------------------------------------- decoded files
 
 
+@functools.lru_cache(maxsize=8)
+def image_transform(resolution: int):
+    """What every image file goes through, as the paper's FSD does it (torchvision): the shorter side
+    resized to ``resolution`` (bilinear), a centre crop to a square, values scaled to [-1, 1]."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.ToImage(), v2.Resize(resolution, interpolation=v2.InterpolationMode.BILINEAR,
+                                                 antialias=True),
+                       v2.CenterCrop(resolution), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])])
+
+
 def _to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
-    """Resize the shorter side to ``resolution``, centre-crop square, -> 3 x R x R in [-1, 1]."""
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    """3 x R x R in [-1, 1] (see :func:`image_transform`)."""
+    return image_transform(int(resolution))(img.convert("RGB"))
 
 
 def _decode(data: bytes | str | Path, resolution: int) -> torch.Tensor:
@@ -413,7 +410,7 @@ class GeneratorSource(ImageSource):
         if isinstance(cfg, DictConfig):
             cfg = OmegaConf.to_container(cfg, resolve=True)
         return {**super().identity(), "generator": cfg if isinstance(cfg, dict) else type(cfg).__name__,
-                "weights_sha256": module_fingerprint(self.generator())}
+                "weights_sha256": fingerprint(self.generator())}
 
     def generator(self):
         if self._generator is None:

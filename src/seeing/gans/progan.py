@@ -104,10 +104,6 @@ class ProGANGenerator(LayeredGenerator):
         internal = {_to_internal(k): v for k, v in state_dict.items()}
         return build_and_load(lambda: cls(z_dim, widths), internal, f"{LAYOUT} generator")
 
-    def load_layout_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load a state dict in the public (GAN Dissection) key layout."""
-        self.load_state_dict({_to_internal(k): v for k, v in state_dict.items()}, strict=True)
-
     def layout_state_dict(self) -> dict[str, torch.Tensor]:
         """This model's weights under the public layout's key names."""
         return {_to_public(k): v for k, v in self.state_dict().items()}

@@ -36,7 +36,6 @@ Stage outputs are found by :mod:`seeing.stage_files` (``runs/scenes_progan/layer
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from pathlib import Path
@@ -45,6 +44,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from seeing.state_dicts import fingerprint
 from seeing.gans.layered import LATENT, LayeredGenerator
 from seeing.reporting import load_format_file, torch_save_atomic
 
@@ -59,13 +59,10 @@ EMBEDDED_HYBRID = Path(__file__).resolve().parents[1] / "assets" / "scenes_proga
 
 
 def generator_fingerprint(generator: nn.Module) -> str:
-    """A short hash of the generator's weights: inverters are only valid for the weights they
-    were trained on, and shapes alone cannot tell two trainings of one architecture apart."""
-    digest = hashlib.sha256()
-    for key, value in sorted(generator.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    """The generator's weights in 16 hex digits (:func:`seeing.state_dicts.fingerprint`): inverters
+    are only valid for the weights they were trained on, and shapes alone cannot tell two trainings
+    of one architecture apart."""
+    return fingerprint(generator)[:16]
 
 
 def latent_value(generator: LayeredGenerator, latent_name: str, t: torch.Tensor):

@@ -29,14 +29,11 @@ from seeing.reports.reconstruction import _min_recall, fsd_comparison, summarize
 
 log = logging.getLogger(__name__)
 
-DESCRIPTIONS = {
-    "a": "optimise z", "b": "direct encoder", "c": "direct encoder + optimise z",
-    "d": "layer-wise encoder", "e": "layer-wise encoder + optimise z",
-    "f": "layer-wise encoder + optimise deltas (ours)",
-}
-
-SHORT = {"a": "opt. z", "b": "direct enc.", "c": "direct + z", "d": "layer-wise enc.", "e": "layer-wise + z",
-         "f": "layer-wise + deltas"}
+def variant_text(result: Mapping[str, Any], key: str) -> str:
+    """A variant's ``description`` or short ``label``, as its config (conf/variant/) said and its
+    result file recorded; the variant's name where the result predates the field."""
+    variant = (result.get("meta") or {}).get("variant") or {}
+    return str(variant.get(key) or variant.get("name", ""))
 
 
 # The paper's ordering, as (better, worse) pairs of variants: the full method beats the encoder
@@ -121,7 +118,8 @@ def equivalent_steps(curves: Mapping[tuple[str, str], tuple[torch.Tensor, torch.
     return sorted(rows, key=lambda r: (r["targets"], r["single_pass"], r["optimised"]))
 
 
-def curves_figure(kind: str, curves: Mapping[str, torch.Tensor], single: Mapping[str, float], path: Path) -> Path:
+def curves_figure(kind: str, curves: Mapping[str, torch.Tensor], single: Mapping[str, float], path: Path,
+                  labels: Mapping[str, str] = {}) -> Path:
     """Mean pixel L1 against optimisation step for each optimising variant, with each
     single-pass variant's error as a dashed level: where a curve crosses a level is
     ``steps_to_match``."""
@@ -134,10 +132,10 @@ def curves_figure(kind: str, curves: Mapping[str, torch.Tensor], single: Mapping
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, v in enumerate(sorted(curves)):
         ax.plot(curves[v].float().nanmean(0).numpy(), lw=1.6, color=colors[i % len(colors)],
-                label=f"{v}: {SHORT.get(v, v)}")
+                label=f"{v}: {labels.get(v, v)}")
     for v in sorted(single):
         ax.axhline(single[v], ls="--", lw=1.2, color="black" if v == "d" else "grey",
-                   label=f"{v}: {SHORT.get(v, v)} (one pass)")
+                   label=f"{v}: {labels.get(v, v)} (one pass)")
     ax.set_yscale("log")
     ax.set_xlabel("optimisation step")
     ax.set_ylabel("mean pixel L1")
@@ -157,8 +155,8 @@ def comparison_figure(kind: str, results: dict[str, dict[str, Any]], path: Path,
     variants = sorted(results)
     first = results[variants[0]]
     n = min(rows, first["targets"].shape[0])
-    cols = [("target", first["targets"][:n])] + [(f"{v}: {SHORT.get(v, '')}", results[v]["final"][:n])
-                                                 for v in variants]
+    cols = [("target", first["targets"][:n])] + [(f"{v}: {variant_text(results[v], 'label')}",
+                                                  results[v]["final"][:n]) for v in variants]
     fig, axes = plt.subplots(n, len(cols), figsize=(1.6 * len(cols), 1.6 * n + 0.4), squeeze=False)
     for j, (name, images) in enumerate(cols):
         pics = to_uint8(images)
@@ -196,7 +194,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         s = summarize(result, segmenter, float(m.min_fraction), int(m.min_support), int(m.segment_batch_size),
                       str(m.get("perceptual", "none")), m.get("vgg_path"), _min_recall(m))
         met = s["metrics"]
-        row = {"targets": kind, "variant": variant, "method": DESCRIPTIONS.get(variant, variant),
+        row = {"targets": kind, "variant": variant, "method": variant_text(result, "description"),
                "images": met["images"], "steps": met["steps"], "pixel_l1": met["pixel_l1_final"]}
         if "perceptual_final" in met:
             row["perceptual_l1"] = met["perceptual_final"]
@@ -237,7 +235,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         figures[f"{kind}_curves"] = curves_figure(
             kind, {v: c for (k, v), (_, c) in curves.items() if k == kind},
             {v: float(e.mean()) for (k, v), (_, e) in single.items() if k == kind},
-            out_dir / f"ablation_curves_{kind}.png")
+            out_dir / f"ablation_curves_{kind}.png",
+            {v: variant_text(r, "label") for v, r in by_kind[kind].items()})
     write_csv(out_dir / "ablation_equivalent_steps.csv", equivalents)
     if equivalents:
         write_markdown_table(out_dir / "ablation_equivalent_steps.md", equivalents)

@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from lightning_fabric import Fabric
+from omegaconf import DictConfig, OmegaConf
 
 from seeing.data.sources import GeneratorSource, ImageSource
 from seeing.metrics.fsd import FrechetSegmentationDistance, per_class_table, rank_classes
@@ -151,7 +152,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     m = cfg.metric
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.get("device", "auto"))
     oracle = bool(m.get("oracle", False))
     # user numbers are checked before anything is built
     for key in ("n", "batch_size"):
@@ -160,6 +160,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             raise ValueError(f"metric.{key}={value!r}: must be a whole number >= 1 (images per side / per batch)")
     if m.resolution != "auto":
         fsd_resolution(m.resolution, None, None)
+    # one process, or several (metric.fabric.devices=2 ...): each tallies a share of the images,
+    # the Metric syncs, process 0 writes the cache and the report
+    fabric = Fabric(**{"devices": 1, **(OmegaConf.to_container(m.fabric, resolve=True) if "fabric" in m else {})})
+    fabric.launch()
+    device = fabric.device if fabric.world_size > 1 else resolve_device(cfg.get("device", "auto"))
+    main = fabric.global_rank == 0
 
     if oracle:
         from seeing.data.scenes import CLASS_NAMES
@@ -231,7 +237,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "most_dropped": ranks["most_dropped"],
         "most_overgenerated": ranks["most_overgenerated"],
         "per_class": rows,
+        "processes": fabric.world_size,
     }
+    if not main:  # the other processes tallied their shares and took part in the sync: done
+        return report
     write_json(out_dir / "fsd.json", report)
     write_csv(out_dir / "fsd_per_class.csv", rows)
     title = f"{real.describe()} vs {fake.describe()}: FSD {result['fsd']:.2f}"

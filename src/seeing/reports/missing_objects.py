@@ -91,6 +91,26 @@ def missing_overlay(image: np.ndarray, target_labels: np.ndarray, missing_classe
     return out
 
 
+PANELS = ["target", "reconstruction", "target segmentation", "reconstruction segmentation", "missing"]
+
+
+def missing_panels(targets: torch.Tensor, recons: torch.Tensor, target_labels: torch.Tensor,
+                   recon_labels: torch.Tensor, num_classes: int, min_fraction: float = 0.01,
+                   min_recall: float | None = 0.2, n: int | None = None) -> list[tuple[list[np.ndarray], list[int]]]:
+    """Per image: the five :data:`PANELS` (uint8 H x W x 3) and the classes missing from it."""
+    k = num_classes
+    pal = palette(k)
+    n = targets.shape[0] if n is None else min(n, targets.shape[0])
+    miss = missing_per_image(target_labels[:n], recon_labels[:n], k, min_fraction, min_recall)
+    t_img, r_img = to_uint8(targets[:n]), to_uint8(recons[:n])
+    out = []
+    for i in range(n):
+        tl, rl = target_labels[i].cpu().numpy(), recon_labels[i].cpu().numpy()
+        missing = torch.nonzero(miss[i]).flatten().tolist()
+        out.append(([t_img[i], r_img[i], pal[tl % k], pal[rl % k], missing_overlay(t_img[i], tl, missing)], missing))
+    return out
+
+
 def missing_figure(targets: torch.Tensor, recons: torch.Tensor, target_labels: torch.Tensor,
                    recon_labels: torch.Tensor, class_names: Sequence[str], path: str | Path,
                    min_fraction: float = 0.01, max_rows: int = 8, title: str = "",
@@ -104,17 +124,14 @@ def missing_figure(targets: torch.Tensor, recons: torch.Tensor, target_labels: t
 
     k = len(class_names)
     pal = palette(k)
-    n = min(max_rows, targets.shape[0])
-    miss = missing_per_image(target_labels[:n], recon_labels[:n], k, min_fraction, min_recall)
-    t_img, r_img = to_uint8(targets[:n]), to_uint8(recons[:n])
+    rows = missing_panels(targets, recons, target_labels, recon_labels, k, min_fraction, min_recall, max_rows)
+    n = len(rows)
     fig, axes = plt.subplots(n, 5, figsize=(10, 2.1 * n + 0.6), squeeze=False)
-    heads = ["target", "reconstruction", "target segmentation", "reconstruction segmentation", "missing"]
+    heads = PANELS
     used: set[int] = set()
-    for i in range(n):
-        tl, rl = target_labels[i].cpu().numpy(), recon_labels[i].cpu().numpy()
-        used |= set(np.unique(tl).tolist()) | set(np.unique(rl).tolist())
-        missing = torch.nonzero(miss[i]).flatten().tolist()
-        panels = [t_img[i], r_img[i], pal[tl % k], pal[rl % k], missing_overlay(t_img[i], tl, missing)]
+    for i, (panels, missing) in enumerate(rows):
+        used |= set(np.unique(target_labels[i].cpu().numpy()).tolist()) | set(
+            np.unique(recon_labels[i].cpu().numpy()).tolist())
         for j, panel in enumerate(panels):
             ax = axes[i, j]
             ax.imshow(panel, interpolation="nearest")

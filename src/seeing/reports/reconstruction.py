@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from seeing.metrics.missing import MissingClasses, iou_per_class
 from seeing.reporting import WandbReport, write_csv, write_json, write_markdown_table
-from seeing.reports.missing_objects import latent_correlations, missing_figure, rank_agreement, rank_missing
+from seeing.reports.missing_objects import (PANELS, latent_correlations, missing_figure, missing_panels,
+                                            rank_agreement, rank_missing)
 from seeing.stages.progress import StepProgressBar
 from seeing.stages.reconstruct import load_result
 from seeing.stages.reconstruct_files import loss_curve_figure
@@ -194,6 +195,17 @@ def write_summary(summary: Mapping[str, Any], result: Mapping[str, Any], out_dir
     wandb.log_table(f"{prefix}/iou_per_class", summary["iou"])
     wandb.log_image(f"{prefix}/missing", fig)
     wandb.log_image(f"{prefix}/loss_curves", curves)
+    if wandb.run is not None:  # every image: target | reconstruction | segmentations | missing, with its numbers
+        names = summary["class_names"]
+        panels = missing_panels(result["targets"], result["final"], summary["target_labels"],
+                                summary["recon_labels"], len(names), float(m.min_fraction), _min_recall(m))
+        ids = result.get("ids")
+        wandb.log_image_table(f"{prefix}/images", [
+            {"id": int(ids[i]) if ids is not None else i, **dict(zip(PANELS, images)),
+             "missing_classes": ", ".join(names[c] for c in missing),
+             "pixel_l1_initial": float(result["initial_pixel_l1"][i]),
+             "pixel_l1_final": float(result["final_pixel_l1"][i])}
+            for i, (images, missing) in enumerate(panels)])
     return report
 
 

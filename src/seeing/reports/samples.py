@@ -39,14 +39,24 @@ def _save_png(image: np.ndarray, path: Path) -> None:
     write_bytes_atomic(path, buf.getvalue())
 
 
+def sample_grid(folder: Path, count: int) -> np.ndarray:
+    """The first ``count`` samples of ``folder`` as one image grid (H x W x 3 uint8), for W&B."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    images = [torch.from_numpy(np.asarray(Image.open(folder / sample_name(i)).convert("RGB"))).permute(2, 0, 1)
+              for i in range(count) if (folder / sample_name(i)).is_file()]
+    return make_grid(torch.stack(images), nrow=8, padding=2).permute(1, 2, 0).numpy()
+
+
 def _identity(cfg: DictConfig, generator) -> dict[str, Any]:
     """What the folder's images are a function of: the weights themselves (``checkpoint: null``
     names a packaged asset, whose replacement no config change would show) and the seed."""
-    from seeing.data.sources import module_fingerprint
+    from seeing.state_dicts import fingerprint
 
     return {
         "model": cfg.model.get("name"),
-        "weights_sha256": module_fingerprint(generator),
+        "weights_sha256": fingerprint(generator),
         "seed": int(cfg.metric.seed),
     }
 
@@ -120,8 +130,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     report = WandbReport(cfg, job_type="samples")
     report.log_metrics({"samples/written": counts["written"], "samples/existing": counts["existing"]})
-    first = out / sample_name(0)
-    if first.is_file():
-        report.log_image("samples/first", first)
+    report.log_image("samples/grid", sample_grid(out, min(64, int(m.n))))
     report.finish()
     return result

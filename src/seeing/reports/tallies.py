@@ -10,6 +10,10 @@ its row counts; a file whose key or counts do not match (copied from elsewhere, 
 from an older version) is a logged cache miss, tallied again and overwritten, never used.
 A cache folder that cannot be written is a warning (once per folder): the tally is still
 computed and returned, just not cached.
+
+Inside an initialised process group (``evaluate.py metric=fsd`` with ``metric.fabric.devices=2``)
+each process tallies a contiguous share of the N images, every process receives all rows in
+order (what one process would have tallied), and process 0 alone writes the cache.
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from seeing.data.sources import EmptySourceError, ImageSource, module_fingerprint
+from seeing.data.sources import EmptySourceError, ImageSource
+from seeing.state_dicts import fingerprint
 from seeing.metrics.fsd import class_tally
 from seeing.reporting import write_bytes_atomic
 
@@ -169,7 +174,7 @@ def segmenter_identity(segmenter: torch.nn.Module | None, class_names: Sequence[
     if segmenter is None:
         return {"oracle": True, "classes": list(class_names)}
     return {"type": type(segmenter).__qualname__, "classes": list(class_names),
-            "weights_sha256": module_fingerprint(segmenter)}
+            "weights_sha256": fingerprint(segmenter)}
 
 
 def cache_key(source: ImageSource, segmenter_id: dict, n: int, resolution: int, extra_offset: int) -> str:
@@ -344,6 +349,42 @@ def _warn_unwritable(folder: Path, why: str) -> None:
                     "turns the cache off)", folder, why)
 
 
+def _process_group() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _share(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Process ``rank``'s contiguous part ``[a, b)`` of ``n`` positions."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+def _tally_shares(source: ImageSource, segmenter, num_classes: int, n: int, batch_size: int, resolution: int,
+                  device, extra_offset: int, description: str | None, progress: bool,
+                  on_rows: Callable[[np.ndarray], None] | None, rank: int, world: int) -> Tally:
+    """This process tallies its share; all rows, skips and stats are gathered to every process."""
+    import torch.distributed as dist
+
+    a, b = _share(n, rank, world)
+    if b > a:
+        mine = tally_source(source, segmenter, num_classes, b - a, batch_size, resolution, device,
+                            extra_offset + a, f"{description or source.describe()} [{rank + 1}/{world}]",
+                            progress and rank == 0, on_rows=on_rows)
+    else:
+        mine = Tally(np.zeros((0, num_classes)))
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, (mine.tallies, mine.skipped, mine.stats))
+    stats = TallyStats(images=sum(p[2].images for p in parts), batches=sum(p[2].batches for p in parts),
+                       forward_s=max(p[2].forward_s for p in parts), total_s=max(p[2].total_s for p in parts))
+    tallies = np.concatenate([p[0] for p in parts])
+    if not len(tallies):
+        raise EmptySourceError(f"{source.describe()}: no readable images among {n}")
+    return Tally(tallies, [s for p in parts for s in p[1]], stats=stats)
+
+
 def cached_tally(
     source: ImageSource,
     segmenter: torch.nn.Module | None,
@@ -369,10 +410,14 @@ def cached_tally(
     key = cache_key(source, segmenter_id, n, resolution, extra_offset)
     path = cache_path(cache_dir, source.kind, key)
     hit, rejected = load_cached(path, num_classes, key, n)
+    rank, world = _process_group()
     if hit is not None:
         log.info("%s: read %d cached tallies from %s", what, len(hit.tallies), path)
-        feed(on_rows, hit.tallies, batch_size)
+        feed(on_rows, hit.tallies[slice(*_share(len(hit.tallies), rank, world))], batch_size)
         return hit
+    if world > 1:
+        return _cache_shares(source, segmenter, num_classes, n, batch_size, resolution, device, extra_offset,
+                             description, progress, on_rows, rank, world, path, key, rejected)
     if rejected:
         log.warning("%s: not using tally cache %s: %s; tallying again and overwriting it", what, path, rejected)
     problem = cache_dir_problem(path.parent)
@@ -396,4 +441,32 @@ def cached_tally(
     partial.unlink(missing_ok=True)
     tally.cache, tally.path = "miss", path
     log.info("%s: tallied %d images, cached in %s", what, len(tally.tallies), path)
+    return tally
+
+
+def _cache_shares(source, segmenter, num_classes, n, batch_size, resolution, device, extra_offset, description,
+                  progress, on_rows, rank: int, world: int, path: Path, key: str, rejected: str | None) -> Tally:
+    """The distributed miss: shares tallied and gathered, the cache written once (by process 0)."""
+    import torch.distributed as dist
+
+    if rejected and rank == 0:
+        log.warning("%s: not using tally cache %s: %s; tallying again and overwriting it",
+                    description or source.describe(), path, rejected)
+    tally = _tally_shares(source, segmenter, num_classes, n, batch_size, resolution, device, extra_offset,
+                          description, progress, on_rows, rank, world)
+    tally.cache_rejected = rejected
+    tally.cache, tally.path = "miss", path
+    if rank == 0:
+        problem = cache_dir_problem(path.parent)
+        try:
+            if problem is not None:
+                raise OSError(problem)
+            save_cached(path, tally, key)
+        except OSError as e:
+            _warn_unwritable(path.parent, str(e))
+            tally.cache, tally.path = "unwritable", None
+    outcome = [tally.cache]
+    dist.broadcast_object_list(outcome, src=0)  # every process reports what process 0 did
+    tally.cache = outcome[0]
+    tally.path = path if tally.cache == "miss" else None
     return tally

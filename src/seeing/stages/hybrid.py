@@ -158,7 +158,9 @@ class HybridStage(InversionStage):
             "pixel": F.mse_loss(recon.float(), images.float()),
         }
         if self.weights["real_pixel"] > 0:
-            real = self.real_images.train_batch(self.global_step).to(self.device)
+            # like the latents, each process of a distributed run takes real batches of its own
+            rank, world = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+            real = self.real_images.train_batch(self.global_step * world + rank).to(self.device)
             terms["real_pixel"] = self.real_pixel_l1(real)
         loss = sum(self.weights[k] * v for k, v in terms.items())
         return {"loss": loss, **{f"term_{k}": v for k, v in terms.items()}}

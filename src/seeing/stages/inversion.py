@@ -44,17 +44,25 @@ TRAIN_SEED_BASE = 1_000_000_007
 
 
 class LatentStream(IterableDataset):
-    """Endless batches of latents: batch ``k`` is ``sample_z(batch_size, first_seed + k)``."""
+    """Endless batches of latents: step ``k`` of process ``rank`` (of ``world``) draws
+    ``sample_z(batch_size, first_seed + k * world + rank)``.
 
-    def __init__(self, generator: LayeredGenerator, batch_size: int, first_seed: int, start: int = 0):
+    Every process of a distributed run thus trains on latents of its own, and the stream is
+    still a function of the step alone, so a resumed run continues it; one process (world 1)
+    draws exactly what it always did.
+    """
+
+    def __init__(self, generator: LayeredGenerator, batch_size: int, first_seed: int, start: int = 0,
+                 rank: int = 0, world: int = 1):
         super().__init__()
         self.sample_z = generator.sample_z  # uses only the latent shape; no weights are touched
         self.batch_size, self.first_seed, self.start = int(batch_size), int(first_seed), int(start)
+        self.rank, self.world = int(rank), int(world)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         k = self.start
         while True:
-            yield self.sample_z(self.batch_size, seed=self.first_seed + k)
+            yield self.sample_z(self.batch_size, seed=self.first_seed + k * self.world + self.rank)
             k += 1
 
 
@@ -159,7 +167,9 @@ class InversionStage(pl.LightningModule):
     def train_dataloader(self) -> DataLoader:
         # created after a checkpoint restore, so a resumed run continues the stream
         first = TRAIN_SEED_BASE * (self.hparams.train_seed + 1)
-        stream = LatentStream(self.generator, self.hparams.batch_size, first, start=self.global_step)
+        rank, world = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        stream = LatentStream(self.generator, self.hparams.batch_size, first, start=self.global_step,
+                              rank=rank, world=world)
         return DataLoader(stream, batch_size=None, num_workers=0)
 
     def heldout_latents(self) -> torch.Tensor:
@@ -245,7 +255,9 @@ class InversionStage(pl.LightningModule):
 
     @torch.no_grad()
     def heldout_scores(self) -> dict[str, float]:
-        """Every validation metric over the whole held-out set, computed afresh (eval mode).
+        """Every validation metric over the whole held-out set, computed afresh (eval mode) by this
+        process alone: no collective, so process 0 can score and export while the others wait, and
+        the scores equal a one-process scoring of the same weights.
 
         Each ``corr_<name>`` comes with ``chance_corr_<name>``: the correlation of every
         held-out target with another sample's (the batch rolled by one). Activations of
@@ -261,9 +273,9 @@ class InversionStage(pl.LightningModule):
                 for prefix, table, make in (("corr", corrs, MeanCorrelation), ("mse", sq_errors, MeanSquaredError)):
                     for name, (est, target) in table.items():
                         key = f"{prefix}_{name}"
-                        metrics.setdefault(key, make().to(self.device)).update(est.float(), target.float())
+                        metrics.setdefault(key, make(sync_on_compute=False).to(self.device)).update(est.float(), target.float())
                         if prefix == "corr" and target.shape[0] > 1:
-                            metrics.setdefault(f"chance_{key}", MeanCorrelation().to(self.device)).update(
+                            metrics.setdefault(f"chance_{key}", MeanCorrelation(sync_on_compute=False).to(self.device)).update(
                                 target.roll(1, dims=0), target)
             extra = self.extra_heldout_scores()
         finally:

@@ -25,12 +25,18 @@ split into chunks, each with its own corrections, Adam state and schedule; the
 training step ``k`` advances chunk ``k mod n_chunks`` once, so every chunk gets
 ``steps`` steps.
 
+Distributed (``trainer=ddp``): chunk c belongs to process ``c mod world``; each process
+advances only its own chunks, no gradient is averaged, and at the end every process
+gathers every image's corrections, curves and flags from its owner. Each image is
+optimised once, with the result one process would give (``optimised_steps`` counts it).
+
 Resumable: the corrections, the optimisers and the per-image loss (and pixel L1)
 curves live in Lightning checkpoints; the frozen networks do not (they are rebuilt
 from their files), and a checkpoint made for other targets is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -186,6 +192,8 @@ class Reconstructor(pl.LightningModule):
         self.register_buffer("pixel_curves", torch.full((n, self.steps), float("nan")))
         # images whose loss turned non-finite: they keep their last finite corrections (and are counted)
         self.register_buffer("diverged", torch.zeros(n, dtype=torch.bool))
+        # optimisation steps each image received (from whichever process owns it): each image once
+        self.register_buffer("optimised_steps", torch.zeros(n, dtype=torch.long))
         self._last_good: dict[int, dict[str, torch.Tensor]] = {}
         shapes = feature_shapes(generator, self.init_latents, self.positions, latent_name)
         self.chunks = [(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]
@@ -199,9 +207,26 @@ class Reconstructor(pl.LightningModule):
     def num_images(self) -> int:
         return self.targets.shape[0]
 
+    # Under DDP every process holds every image but optimises only its own chunks (chunk c belongs
+    # to process c % world): each image is optimised once, by one process, exactly as one process
+    # would (images are independent problems), and :meth:`gather_shards` collects the results.
+    @property
+    def _world(self) -> tuple[int, int]:
+        return (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+
+    @property
+    def own_chunks(self) -> list[int]:
+        rank, world = self._world
+        return [c for c in range(len(self.chunks)) if c % world == rank]
+
+    @property
+    def chunk_slots(self) -> int:
+        """Chunks per round on every process (the most any process owns): all take the same steps."""
+        return -(-len(self.chunks) // self._world[1])
+
     @property
     def total_steps(self) -> int:
-        return self.steps * len(self.chunks)
+        return self.steps * self.chunk_slots
 
     def train(self, mode: bool = True) -> "Reconstructor":
         super().train(mode)
@@ -239,6 +264,14 @@ class Reconstructor(pl.LightningModule):
             pairs.append((opt, sched))
         return [o for o, _ in pairs], [s for _, s in pairs]
 
+    def on_train_start(self) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = self.trainer.model
+        if isinstance(model, DistributedDataParallel):
+            # process 0's buffers (curves, flags) must not overwrite the rows the others own
+            model.broadcast_buffers = False
+
     def on_train_batch_start(self, batch: Any, batch_idx: int):
         if self.global_step >= self.total_steps:
             self.trainer.should_stop = True
@@ -247,10 +280,20 @@ class Reconstructor(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         k = self.global_step
-        c, step = k % len(self.chunks), k // len(self.chunks)
+        slot, step = k % self.chunk_slots, k // self.chunk_slots
+        own = self.own_chunks
         opts, scheds = self.optimizers(), self.lr_schedulers()
         opts = opts if isinstance(opts, list) else [opts]
         scheds = scheds if isinstance(scheds, list) else [scheds]
+        if slot >= len(own):
+            # this process owns fewer chunks than another: an optimiser step without gradients moves
+            # nothing but counts, so every process stays at the same global step
+            opts[0].zero_grad(set_to_none=True)
+            opts[0].step()
+            if k + 1 >= self.total_steps:
+                self.trainer.should_stop = True
+            return None
+        c = own[slot]
         s, e = self.chunks[c]
         deltas = self.chunk_deltas(c)
         if self.optimizer_name == "lbfgs":
@@ -265,12 +308,16 @@ class Reconstructor(pl.LightningModule):
             ids = (s + torch.nonzero(newly).flatten()).tolist()
             log.warning("non-finite reconstruction loss at step %d for images %s: keeping their last finite "
                         "corrections and optimising them no further", step, ids)
-            if bool(stopped.all()) and bool(self.diverged[:s].all()) and bool(self.diverged[e:].all()):
+            if bool(stopped.all()) and all(bool(self.diverged[a:b].all()) for o, (a, b) in enumerate(self.chunks)
+                                           if o in own and o != c):
                 raise FloatingPointError(f"non-finite reconstruction loss at step {step} for images {ids}, "
                                          f"and no image is left to optimise")
         live_loss = torch.where(stopped, torch.zeros_like(per_image), per_image)
         opts[c].zero_grad(set_to_none=True)
-        self.manual_backward(live_loss.sum())  # SUM of per-image means: images stay independent
+        # each image belongs to one process (see own_chunks): no gradient is averaged across processes
+        # (DDP would otherwise wait for every process to backward through this same chunk)
+        with getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)():
+            self.manual_backward(live_loss.sum())  # SUM of per-image means: images stay independent
         # these corrections just gave a finite loss; a newly diverged image goes back to its last good ones
         kept = {p: d.detach().clone() for p, d in deltas.items()}
         if stopped.any():
@@ -288,6 +335,7 @@ class Reconstructor(pl.LightningModule):
                     d[stopped] = kept[p][stopped]
         self._last_good[c] = kept
         self.diverged[s:e] = stopped
+        self.optimised_steps[s:e] += 1
         nan = torch.full_like(per_image, float("nan"))
         self.loss_curves[s:e, step] = torch.where(stopped, nan, per_image).detach().float()
         self.pixel_curves[s:e, step] = torch.where(stopped, nan, terms["pixel"]).detach().float()
@@ -347,6 +395,7 @@ class Reconstructor(pl.LightningModule):
     def on_train_end(self) -> None:
         """Every variant logs where it ended, also the single-pass ones (b, d) that take no step:
         the mean pixel L1 of the initial and final images, so a grid compares all six."""
+        self.gather_shards()
         if not self.loggers:
             return
         s_initial, s_final = [], []
@@ -360,6 +409,25 @@ class Reconstructor(pl.LightningModule):
         for lg in self.loggers:
             lg.log_metrics(metrics, step=int(self.global_step))
 
+    @torch.no_grad()
+    def gather_shards(self) -> None:
+        """Every process ends with every image's corrections, curves and flags, each taken from the
+        process that optimised it (a collective: all processes call it, from :meth:`on_train_end`)."""
+        rank, world = self._world
+        if world == 1:
+            return
+        owner = [c % world for c in range(len(self.chunks))]
+        for name in ("loss_curves", "pixel_curves", "diverged"):
+            mine = getattr(self, name)
+            every = self.all_gather(mine.float() if mine.dtype == torch.bool else mine)  # (world, *shape)
+            for c, (s, e) in enumerate(self.chunks):
+                mine[s:e] = every[owner[c], s:e].to(mine.dtype)
+        for c, chunk in enumerate(self.deltas):
+            for d in chunk.values():
+                d.copy_(self.all_gather(d.detach())[owner[c]])
+        # summed, not taken from the owner: an image optimised by two processes would show it
+        self.optimised_steps.copy_(self.all_gather(self.optimised_steps).sum(0))
+
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
@@ -368,8 +436,6 @@ class Reconstructor(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
-        state.setdefault("diverged", torch.zeros_like(self.diverged))  # checkpoints from before it was kept
-        state.setdefault("pixel_curves", torch.full_like(self.pixel_curves, float("nan")))  # likewise
         own = {k: v for k, v in self.state_dict().items() if not k.startswith(_FROZEN_PREFIXES)}
         missing = [k for k in own if k not in state]
         wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -418,8 +484,9 @@ class Reconstructor(pl.LightningModule):
             "worse_than_start": final_l1 > initial_l1,
             "recovered_features": {p: torch.cat(v) for p, v in features.items()},
             "steps": self.steps,
-            "steps_done": int(self.global_step) // max(1, len(self.chunks)),
+            "steps_done": int(self.global_step) // max(1, self.chunk_slots),
             "diverged": self.diverged.cpu().clone(),
+            "optimised_steps": self.optimised_steps.cpu().clone(),
             "meta": dict(self.meta),
         }
         for k, v in self.extras.items():
@@ -438,9 +505,28 @@ class Reconstructor(pl.LightningModule):
 
         result = self.result()
         path = torch_save_atomic(result, Path(output_dir) / RESULT_FILE)
-        write_per_image_files(result, Path(output_dir))
+        rows = write_per_image_files(result, Path(output_dir))
         warn_bad_images(result, self.lr, Path(output_dir) / "per_image.csv")
+        self.log_tables(result, rows)
         return path
+
+    def log_tables(self, result: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> None:
+        """To W&B: the per-image table, and an image table (target | start | reconstruction) beside it."""
+        from pytorch_lightning.loggers import WandbLogger
+
+        from seeing.reporting import to_uint8
+
+        strips = [to_uint8(result[k]) for k in ("targets", "initial", "final")]
+        for lg in self.loggers:
+            if isinstance(lg, WandbLogger):
+                columns = list(rows[0]) if rows else []
+                lg.log_table("reconstruct/per_image", columns=columns, data=[[r[c] for c in columns] for r in rows])
+                import wandb
+
+                lg.log_table("reconstruct/images", columns=["id", "target", "start", "reconstruction",
+                                                            "final_pixel_l1"],
+                             data=[[r["id"], *(wandb.Image(s[i]) for s in strips), r["final_pixel_l1"]]
+                                   for i, r in enumerate(rows)])
 
 
 def warn_bad_images(result: Mapping[str, Any], lr: float, table: Path) -> None:

@@ -18,9 +18,10 @@ def worse_than_start(result: Mapping[str, Any]) -> torch.Tensor:
     return result["final_pixel_l1"] > result["initial_pixel_l1"]
 
 
-def write_per_image_files(result: Mapping[str, Any], output_dir: Path) -> None:
+def write_per_image_files(result: Mapping[str, Any], output_dir: Path) -> list[dict[str, Any]]:
     """``images/NNNN.png`` (target | initial | final), ``per_image.csv`` (errors, the ``diverged``
-    and ``worse_than_start`` flags, delta RMS, loss curve ends) and ``loss_curves.png``."""
+    and ``worse_than_start`` flags, delta RMS, loss curve ends) and ``loss_curves.png``; returns the
+    table's rows."""
     from PIL import Image
 
     output_dir = Path(output_dir)
@@ -46,6 +47,7 @@ def write_per_image_files(result: Mapping[str, Any], output_dir: Path) -> None:
     write_csv(output_dir / "per_image.csv", rows)
     loss_curve_figure(curves, output_dir / "loss_curves.png",
                       f"{(result.get('meta') or {}).get('variant', {}).get('name', '')}: per-image loss")
+    return rows
 
 
 def loss_curve_figure(curves: torch.Tensor, path: str | Path, title: str = "") -> Path:
