@@ -348,3 +348,16 @@ def test_an_unknown_variant_or_stage_fails_listing_the_valid_names(compose):
             compose("train" if group != "real" else "evaluate", ["stage=reconstruct", override] if group == "variant"
                     else [override])
         assert f"Could not find '{group}/" in str(err.value) and "Available options" in str(err.value)
+
+
+def test_an_unwritable_run_root_is_named_before_hydra_writes_there(tmp_path):
+    from conftest import run_entry
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")  # as root, chmod does not stop writes: a file in the path does
+    for script, args in (("train", ["stage=layer1"]), ("evaluate", ["-m", "metric=fsd", "fake=scenes,scenes_drop"])):
+        done = run_entry(script, [*args, f"paths.run_root={blocker}/runs"], tmp_path, check=False)
+        assert done.returncode != 0
+        assert f"paths.run_root={blocker}/runs cannot be written" in done.stderr and "point paths.run_root" in \
+            done.stderr, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr

@@ -199,3 +199,44 @@ def run_identity(cfg: DictConfig) -> dict[str, str]:
     except ValueError:  # no Hydra run (a library call): the run is its own group
         pass
     return {"name": name, "group": group, "job_type": str(cfg.get("job_type", ""))}
+
+
+# ------------------------------------------------------------------------------ before Hydra writes
+def unwritable_folder_problem(path: str | Path) -> str | None:
+    """Why files cannot be written under ``path`` (made if missing), or None: a temporary file is
+    created and removed."""
+    import tempfile
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - Hydra < 1.1
+    _HydraCallback = object
+
+
+class CheckRunRoot(_HydraCallback):
+    """A Hydra callback (conf/train.yaml, conf/evaluate.yaml): before Hydra creates a run's folder
+    (and would fail there with a bare OSError), check that ``paths.run_root`` can be written, and
+    say which key to change."""
+
+    def _check(self, config: DictConfig) -> None:
+        root = OmegaConf.select(config, "paths.run_root")
+        problem = unwritable_folder_problem(root) if root else None
+        if problem:
+            # SystemExit: Hydra turns a callback's exceptions into warnings and goes on to fail anyway
+            raise SystemExit(f"Error: paths.run_root={root} cannot be written ({problem}): make it writable or "
+                             f"point paths.run_root (or $SEEING_RUNS) at a folder you can write")
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
