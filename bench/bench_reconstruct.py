@@ -147,7 +147,7 @@ def test_batched_vs_one_at_a_time_cpu(benchmark):
     threads = int(os.environ.get("BENCH_THREADS", "1"))  # a shared machine: one core gives repeatable numbers
     torch.set_num_threads(threads)
     # the VGG term dominates the cost on CPU: few images and steps keep the run near a minute
-    n, steps = int(os.environ.get("BENCH_IMAGES", "8")), int(os.environ.get("BENCH_STEPS", "30"))
+    n, steps = int(os.environ.get("BENCH_IMAGES", "4")), int(os.environ.get("BENCH_STEPS", "20"))
     g, x, z0 = make_problem(64, [128, 64, 32, 16, 8], 128, n)
     positions = correction_positions("deltas", LAYERS)
     weights = vgg_file(os.environ.get("BENCH_VGG"))
