@@ -6,7 +6,10 @@ entry point: one run measures both and their ratio.
 The one-process run gets both cores (SEEING_THREADS=2), each of the two processes one
 (SEEING_THREADS=1), so the comparison is the same machine used two ways. Both start from the
 shipped scenes GAN and hybrid encoder (variant f) on the same held-out scenes, and must give the
-same per-image results (asserted), so the ratio of wall times is what sharding the images buys.
+same per-image results (asserted to 1e-3: two threads in one process and one thread in each of two
+sum in different orders, which 100 Adam steps amplify to ~2e-4 on a few images; with equal threads
+the results are identical, see tests/test_distributed.py), so the ratio of wall times is what
+sharding the images buys.
 Wall times include each run's start-up (Python, Lightning, process group), which DDP pays twice.
 """
 from __future__ import annotations
@@ -49,7 +52,10 @@ def test_reconstruct_two_processes_vs_one(benchmark, tmp_path):
     benchmark.pedantic(both, rounds=1, iterations=1)
     results = [load_result(tmp_path / f"p{p}" / "scenes_progan" / "reconstruct_real_f" / "reconstruction.pt")
                for p in (1, 2)]
-    assert torch.allclose(results[0]["final_pixel_l1"], results[1]["final_pixel_l1"], atol=1e-5)
-    assert torch.equal(results[1]["optimised_steps"], torch.full((images,), steps))
+    gap = float((results[0]["final_pixel_l1"] - results[1]["final_pixel_l1"]).abs().max())
     print(f"\nreconstruct, {images} scenes x {steps} steps (variant f, 2 CPU cores): 1 process {times[1]:.1f} s, "
-          f"2 DDP processes {times[2]:.1f} s -> {times[1] / times[2]:.2f}x")
+          f"2 DDP processes {times[2]:.1f} s -> {times[1] / times[2]:.2f}x; largest per-image final pixel L1 "
+          f"difference {gap:.1e}")
+    # the same maths; only the float summation order differs (two threads in one process, one in each of two)
+    assert gap < 1e-3
+    assert torch.equal(results[1]["optimised_steps"], torch.full((images,), steps))

@@ -37,10 +37,13 @@ class RealImageStream:
         self._heldout: torch.Tensor | None = None
 
     def _take(self, n: int, start: int) -> torch.Tensor:
-        images = torch.cat([b.images for b in self.source.batches(n, n, self.resolution, extra_offset=start)])
-        if images.shape[0] == 0:
-            raise ValueError(f"{self.source.describe()}: no readable images from position {start}")
-        return images
+        batches = [b.images for b in self.source.batches(n, n, self.resolution, extra_offset=start) if len(b.images)]
+        if not batches:  # e.g. a folder smaller than the pool and held-out range the settings ask for
+            raise ValueError(f"{self.source.describe()}: no readable images from position {start} (of the {n} "
+                             f"asked for): the real images must reach past stage.real_val_offset="
+                             f"{self.val_offset} + stage.real_val_size={self.val_size}; lower stage.real_pool and "
+                             f"stage.real_val_offset for a smaller set")
+        return torch.cat(batches)
 
     def train_batch(self, step: int) -> torch.Tensor:
         start = int(step) * self.batch_size
