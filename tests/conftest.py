@@ -96,3 +96,18 @@ def tiny_gan_files(tmp_path_factory):
     hybrid = torch_save_atomic(new_hybrid_encoder(g, ["layer1", "layer2", "layer3", "layer4"]).to_file_dict(),
                                root / "hybrid.pt")
     return gen, hybrid
+
+
+def vgg_by_hand(state: dict, h):
+    """torchvision's VGG-16 conv / ReLU / max-pool stack up to relu4_2 (features[:21]), written out from
+    a state dict: what the perceptual loss must compute."""
+    import torch
+
+    for i in range(21):
+        if f"features.{i}.weight" in state:
+            h = torch.nn.functional.conv2d(h, state[f"features.{i}.weight"], state[f"features.{i}.bias"], padding=1)
+        elif i in (4, 9, 16):
+            h = torch.nn.functional.max_pool2d(h, 2)
+        else:
+            h = torch.relu(h)
+    return h

@@ -23,11 +23,11 @@ from seeing.gans import ProGANGenerator
 from seeing.models.hybrid import load_hybrid_encoder, new_hybrid_encoder
 from seeing.pipeline import train
 from seeing.reconstruct.lbfgs import PerImageLBFGS
-from seeing.reconstruct.losses import RELU4_2, ReconstructionLoss, VGGPerceptual
+from seeing.reconstruct.losses import ReconstructionLoss, VGGPerceptual
 from seeing.stages.reconstruct import load_result
 from seeing.stages.variants import build_reconstructor
 
-from conftest import FIXTURES, QUICK_TRAIN
+from conftest import FIXTURES, QUICK_TRAIN, vgg_by_hand
 from test_reconstruct import _random_vgg_file
 
 LAYERS = ["layer1", "layer2", "layer3", "layer4"]
@@ -239,13 +239,7 @@ def test_vgg_sees_the_raw_image_and_target_features_are_reused(tmp_path):
     state = torch.load(weights, weights_only=True)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     h = x  # by hand: no normalisation, torchvision's conv/relu/pool stack to relu4_2
-    for i in range(RELU4_2):
-        if f"features.{i}.weight" in state:
-            h = torch.nn.functional.conv2d(h, state[f"features.{i}.weight"], state[f"features.{i}.bias"], padding=1)
-        elif i in (4, 9, 16):
-            h = torch.nn.functional.max_pool2d(h, 2)
-        else:
-            h = torch.relu(h)
+    h = vgg_by_hand(state, h)
     raw = VGGPerceptual(weights, input="raw")
     assert torch.allclose(raw(x), h, atol=1e-4)
     assert not torch.allclose(VGGPerceptual(weights)(x), h, atol=1e-2)  # the ImageNet-normalised input differs

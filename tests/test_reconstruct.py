@@ -17,6 +17,8 @@ from seeing.reconstruct.init import RANDOM_START_SEED, initial_latents
 from seeing.reconstruct.losses import VGG16_FILE, RELU4_2, ReconstructionLoss, VGGPerceptual
 from seeing.stages.variants import build_reconstructor, find_direct_encoder, find_hybrid
 
+from conftest import vgg_by_hand
+
 LAYERS = ["layer1", "layer2", "layer3", "layer4"]
 
 
@@ -235,13 +237,7 @@ def test_vgg_perceptual_term_uses_relu4_2_features(tmp_path, monkeypatch):
     # by hand: ImageNet normalisation, then torchvision's conv/relu/pool stack to relu4_2
     h = ((x + 1) / 2 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
         [0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    for i in range(RELU4_2):
-        if f"features.{i}.weight" in state:
-            h = torch.nn.functional.conv2d(h, state[f"features.{i}.weight"], state[f"features.{i}.bias"], padding=1)
-        elif i in (4, 9, 16):
-            h = torch.nn.functional.max_pool2d(h, 2)
-        else:
-            h = torch.relu(h)
+    h = vgg_by_hand(state, h)
     assert h.shape == (2, 512, 4, 4)
     assert torch.allclose(vgg(x), h, atol=1e-4)
 
