@@ -9,33 +9,26 @@ import pytest
 import torch
 from hydra.errors import InstantiationException
 
-from seeing.gans import ProGANGenerator, load_generator, save_generator
-from seeing.models.hybrid import new_hybrid_encoder
+from seeing.gans import load_generator
 from seeing.pipeline import evaluate, train
 from seeing.stages.reconstruct import load_result
 from seeing.models.direct_encoder import load_direct_encoder
-from seeing.reporting import torch_save_atomic
 
 from conftest import QUICK_TRAIN
 
-LAYERS = ["layer1", "layer2", "layer3", "layer4"]
 QUICK = QUICK_TRAIN
 RECON = ["stage=reconstruct", "stage.steps=3", "stage.targets.count=3", "stage.batch_size=2"]
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A random 16x16 ProGAN, a random hybrid encoder for it and a random 12-class scenes segmenter."""
+def files(tiny_gan_files, tmp_path_factory):
+    """The shared random 16x16 ProGAN and its random hybrid encoder, and a random 12-class scenes segmenter."""
     from seeing.data.scenes import CLASS_NAMES
     from seeing.segmenters.scenes import SceneSegmenterNet, make_weights_file
 
-    root = tmp_path_factory.mktemp("recon")
+    gen, hybrid = tiny_gan_files
+    seg = tmp_path_factory.mktemp("recon") / "segmenter.pt"
     torch.manual_seed(0)
-    g = ProGANGenerator(z_dim=16, widths=[16, 16, 8])
-    gen = save_generator(g, root / "tiny_progan.pt", meta={"z_dim": 16, "widths": [16, 16, 8]})
-    hybrid = root / "hybrid.pt"
-    torch_save_atomic(new_hybrid_encoder(g, LAYERS).to_file_dict(), hybrid)
-    seg = root / "segmenter.pt"
     torch.save(make_weights_file(SceneSegmenterNet(len(CLASS_NAMES), (4, 8)), CLASS_NAMES), seg)
     return {"generator": gen, "hybrid": hybrid, "segmenter": seg}
 
