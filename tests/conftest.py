@@ -66,6 +66,34 @@ def compose(tmp_path):
     return _compose
 
 
+class Interrupted(RuntimeError):
+    """What :class:`InterruptAt` raises: a run cut off (a crash, a killed job) before it ended."""
+
+
+class InterruptAt:
+    """A Lightning callback that cuts a run off when it reaches ``step`` (added with
+    ``+callbacks.interrupt={_target_: conftest.InterruptAt, step: N}``; callbacks are not part
+    of a run's identity, so the rerun without it is the same run)."""
+
+    def __new__(cls, step: int):
+        import pytorch_lightning as pl
+
+        class _Interrupt(pl.Callback):
+            def on_train_batch_start(self, trainer, *args):
+                if trainer.global_step >= step:
+                    raise Interrupted(f"cut off at step {trainer.global_step}")
+
+        return _Interrupt()
+
+
+def run_folder(parent: Path, name: str) -> Path:
+    """The one output folder of ``name`` under ``parent``: ``name`` itself for a preset's run, else
+    ``name+<what changed>@<digest>`` (seeing.identity)."""
+    found = [p for p in Path(parent).iterdir() if p.name == name or p.name.startswith((f"{name}+", f"{name}@"))]
+    assert len(found) == 1, f"expected one folder of {name} in {parent}, found {[p.name for p in found]}"
+    return found[0]
+
+
 def run_entry(script: str, args: list[str], cwd: Path, check: bool = True):
     """``python <script>.py <args>`` (train or evaluate) in a subprocess, as a user runs it: W&B offline,
     one torch thread. With ``check``, a non-zero exit fails the test showing the end of stderr."""

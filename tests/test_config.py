@@ -13,7 +13,7 @@ from seeing.config import check_config, unset_keys
 from seeing.stages.progress import StepProgressBar, step_budget
 from seeing.stages.trainer import build_trainer
 
-from conftest import REPO, run_entry
+from conftest import REPO, run_entry, run_folder
 
 STAGES = ["segmenter", "gan", "layer1", "layer2", "layer3", "layer4", "encoder", "hybrid", "direct_encoder",
           "reconstruct"]
@@ -198,7 +198,9 @@ def test_a_variant_sweep_writes_one_folder_per_variant_with_the_overrides_applie
                  f"model.checkpoint={gen}", f"stage.hybrid_file={hybrid}", "stage.steps=2", "stage.targets.count=2",
                  "stage.batch_size=2", "trainer.max_steps=3", "logger=wandb", "trainer.enable_progress_bar=false",
                  "trainer.enable_model_summary=false"], tmp_path)
-    folders = {v: runs / "scenes_progan-tiny_progan" / f"reconstruct_real_{v}" for v in "ad"}
+    # both runs change settings from the preset (steps, targets...): each its own folder named for the change
+    folders = {v: run_folder(runs / "scenes_progan-tiny_progan", f"reconstruct_real_{v}") for v in "ad"}
+    assert all("+steps:2" in f.name and "+targets.count:2" in f.name for f in folders.values()), folders
     for v, folder in folders.items():
         assert (folder / "reconstruction.pt").is_file(), v
         saved = OmegaConf.load(folder / "config.yaml")
@@ -213,7 +215,7 @@ def test_a_variant_sweep_writes_one_folder_per_variant_with_the_overrides_applie
     runs_seen = {v: wandb_run_summary(folders[v]) for v in "ad"}
     for v, run in runs_seen.items():
         assert run["config"]["variant"]["name"] == v and run["config"]["trainer"]["max_steps"] == 3
-        assert run["job_type"] == f"reconstruct_real_{v}" and run["name"].endswith(f"reconstruct_real_{v}")
+        assert run["job_type"] == f"reconstruct_real_{v}" and run["name"].endswith(folders[v].name)
         assert "final/pixel_l1" in run["metrics"], run["metrics"]
         # the per-image table and the image table (target | start | reconstruction) reach W&B too
         for table in ("reconstruct/per_image", "reconstruct/images"):  # W&B records a table as its fields

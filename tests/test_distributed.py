@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_entry
+from conftest import run_entry, run_folder
 from seeing.stages.inversion import LatentStream
 
 DDP2 = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "logger=csv",
@@ -37,7 +37,7 @@ def test_an_inversion_stage_trains_on_two_processes_and_exports_scores_one_proce
               "stage.val_batch_size=4"]
     run_entry("train", [*common, f"paths.run_root={tmp_path / 'ddp'}", "trainer.max_steps=4", "trainer.val_check_interval=2",
             *DDP2], tmp_path)
-    out = tmp_path / "ddp" / "scenes_progan-tiny_progan" / "layer1"
+    out = run_folder(tmp_path / "ddp" / "scenes_progan-tiny_progan", "layer1")
     assert (out / "layer1.pt").is_file()  # written once, by process 0, without a deadlock
     record = json.loads((out / "heldout.json").read_text())
     scores = record["heldout"]
@@ -45,7 +45,7 @@ def test_an_inversion_stage_trains_on_two_processes_and_exports_scores_one_proce
     # the same weights scored by one process
     run_entry("train", [*common, f"paths.run_root={tmp_path / 'one'}", f"stage.inverter_file={out / 'layer1.pt'}",
             "trainer.max_steps=0", "logger=csv", "trainer.enable_progress_bar=false"], tmp_path)
-    again = json.loads((tmp_path / "one" / "scenes_progan-tiny_progan" / "layer1" / "heldout.json").read_text())[
+    again = json.loads((run_folder(tmp_path / "one" / "scenes_progan-tiny_progan", "layer1") / "heldout.json").read_text())[
         "heldout"]
     keys = [k for k in scores if k.startswith(("corr_", "chance_", "mse_"))]
     assert keys and all(scores[k] == pytest.approx(again[k], abs=1e-6) for k in keys), (scores, again)
@@ -60,7 +60,7 @@ def test_reconstruction_shards_images_across_processes_and_equals_one_process(ti
     run_entry("train", [*common, f"paths.run_root={tmp_path / 'ddp'}", *DDP2], tmp_path)
     run_entry("train", [*common, f"paths.run_root={tmp_path / 'one'}", "logger=csv", "trainer.enable_progress_bar=false"],
            tmp_path)
-    two, one = (load_result(tmp_path / r / "scenes_progan-tiny_progan" / "reconstruct_real_f" / "reconstruction.pt")
+    two, one = (load_result(run_folder(tmp_path / r / "scenes_progan-tiny_progan", "reconstruct_real_f") / "reconstruction.pt")
                 for r in ("ddp", "one"))
     assert torch.equal(two["optimised_steps"], torch.full((5,), 4))  # every image optimised once, not twice
     assert torch.equal(one["optimised_steps"], two["optimised_steps"])
@@ -77,7 +77,7 @@ def test_fsd_over_two_processes_equals_one_process_and_writes_the_cache_once(tmp
            "metric.fabric.strategy=ddp"]
     run_entry("evaluate", [*common, *two], tmp_path)
     run_entry("evaluate", [*common, f"paths.run_root={tmp_path / 'one'}", f"paths.cache_dir={tmp_path / 'cache1'}"], tmp_path)
-    report = {r: json.loads((tmp_path / r / "eval" / "fsd" / "scenes_vs_scenes_drop" / "fsd.json").read_text())
+    report = {r: json.loads((run_folder(tmp_path / r / "eval" / "fsd", "scenes_vs_scenes_drop") / "fsd.json").read_text())
               for r in ("two", "one")}
     assert report["two"]["processes"] == 2 and report["one"]["processes"] == 1
     for key in ("fsd", "mean_term", "cov_term"):
@@ -92,6 +92,6 @@ def test_fsd_over_two_processes_equals_one_process_and_writes_the_cache_once(tmp
     names = {p.name for p in (tmp_path / "cache2" / "fsd_tallies").iterdir()}
     assert names == {p.name for p in (tmp_path / "cache1" / "fsd_tallies").iterdir()} and len(names) == 3
     run_entry("evaluate", [*common, f"paths.run_root={tmp_path / 'again'}", f"paths.cache_dir={tmp_path / 'cache2'}"], tmp_path)
-    again = json.loads((tmp_path / "again" / "eval" / "fsd" / "scenes_vs_scenes_drop" / "fsd.json").read_text())
+    again = json.loads((run_folder(tmp_path / "again" / "eval" / "fsd", "scenes_vs_scenes_drop") / "fsd.json").read_text())
     assert again["real"]["cache"] == again["fake"]["cache"] == "hit" and again["fsd"] == pytest.approx(
         report["one"]["fsd"], abs=1e-9)

@@ -69,7 +69,7 @@ def test_planted_person_drop_ranks_first_and_beats_real_vs_real(compose):
     assert report["fsd"] == pytest.approx(report["mean_term"] + report["cov_term"])
 
 
-def test_evaluate_writes_report_files_and_reuses_the_tally_cache(compose, tiny_segmenter, tmp_path, caplog):
+def test_evaluate_writes_report_files_and_reuses_the_tally_cache(compose, tiny_segmenter, tmp_path, caplog, capsys):
     real_dir = _folder_with_bad_files(tmp_path / "real_images", good=10)
     overrides = [
         "metric=fsd", "real=folder", f"real.path={real_dir}", "fake=scenes_drop", f"segmenter.path={tiny_segmenter}",
@@ -101,7 +101,11 @@ def test_evaluate_writes_report_files_and_reuses_the_tally_cache(compose, tiny_s
     assert "3 images could not be read and were skipped" in caplog.text
 
     caplog.clear()
-    again = evaluate(compose("evaluate", overrides))
+    # the same settings again: complete already, nothing is done
+    assert evaluate(compose("evaluate", overrides))["fsd"] == pytest.approx(report["fsd"])
+    assert "already complete" in capsys.readouterr().out
+    caplog.clear()
+    again = evaluate(compose("evaluate", overrides + ["force=true"]))  # run again: the tally cache serves it
     assert (again["real"]["cache"], again["fake"]["cache"]) == ("hit", "hit")
     assert "read 10 cached tallies" in caplog.text and "read 16 cached tallies" in caplog.text
     assert "tallied" not in caplog.text and "could not be read" not in caplog.text  # nothing decoded again

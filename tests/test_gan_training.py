@@ -10,6 +10,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
+
+from conftest import Interrupted
 from torch.utils.data import DataLoader, TensorDataset
 
 from seeing.gans.critic import ProGANCritic, gradient_penalty
@@ -89,14 +91,20 @@ def test_gan_stage_trains_exports_and_resumes(compose):
     moved = [k for k, v in first.state_dict().items() if not torch.equal(v, initial[k])]
     assert moved, "training did not change the generator"
 
-    # resume: the step counters (and training clock) continue from the last checkpoint
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-    cfg2 = compose("train", ["stage=gan", *TINY, "trainer.max_steps=8", "ckpt_path=last"])
+    # resume: an 8-step run cut off after step 4 continues from its last checkpoint, counters and clock too
+    eight = ["stage=gan", *TINY, "trainer.max_steps=8", "callbacks.checkpoint.every_n_train_steps=4"]
+    with pytest.raises(Interrupted):
+        train(compose("train", eight + ["+callbacks.interrupt={_target_: conftest.InterruptAt, step: 4}"]))
+    cfg2 = compose("train", eight + ["ckpt_path=last"])
+    assert Path(cfg2.output_dir) != run_dir  # 8 steps are another run than 4: its own folder
     train(cfg2)
-    second = load_generator(run_dir / "generator.pt")
+    second = load_generator(Path(cfg2.output_dir) / "generator.pt")
     assert second.checkpoint_meta["generator_steps"] == 4 and second.checkpoint_meta["critic_steps"] == 4
-    assert second.checkpoint_meta["train_seconds"] >= first.checkpoint_meta["train_seconds"]
-    assert (run_dir / "samples" / "step_0000004.png").is_file()
+    assert (Path(cfg2.output_dir) / "samples" / "step_0000004.png").is_file()
+    # resuming the 4-step run's checkpoint with 6 steps would mix two settings: refused before any work
+    with pytest.raises(ValueError, match=r"other settings: trainer\.max_steps \(checkpoint 4, now 6\)"):
+        train(compose("train", ["stage=gan", *TINY, "trainer.max_steps=6",
+                                f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"]))
 
 
 def test_export_round_trips_through_load_generator(tmp_path):
@@ -130,6 +138,7 @@ def test_samples_job_writes_n_files_and_skips_existing(compose, tmp_path):
     overrides = ["metric=samples", "metric.n=6", "metric.batch_size=4", "logger=csv", f"model.checkpoint={gen_path}"]
     cfg = compose("evaluate", overrides)
     out = Path(cfg.metric.path)
+    assert out == Path(cfg.output_dir) / "images"  # the PNGs alone: logs and records stay beside them
     result = evaluate(cfg)
     files = sorted(out.glob("*.png"))
     assert [f.name for f in files] == [f"{k:06d}.png" for k in range(6)]
@@ -142,14 +151,15 @@ def test_samples_job_writes_n_files_and_skips_existing(compose, tmp_path):
     kept = files[0].stat().st_mtime_ns
     original = files[3].read_bytes()
     files[3].unlink()
-    result = evaluate(compose("evaluate", overrides))
+    result = evaluate(compose("evaluate", overrides + ["force=true"]))  # complete before: run again
     assert result["written"] == 1 and result["existing"] == 5
     assert files[0].stat().st_mtime_ns == kept
     assert files[3].read_bytes() == original
 
-    # another seed in the same folder would mix two sample sets: refused
+    # another seed is another run, in its own folder; pointed at this one's images it is refused
+    assert Path(compose("evaluate", overrides + ["seed=1"]).metric.path) != out
     with pytest.raises(ValueError, match="another generator or seed"):
-        evaluate(compose("evaluate", overrides + ["seed=1"]))
+        evaluate(compose("evaluate", overrides + ["seed=1", f"metric.path={out}"]))
 
 
 # ------------------------------------------------------------------------ shipped GAN

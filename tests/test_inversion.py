@@ -24,7 +24,7 @@ from seeing.models.inverters import build_layer_inverter
 from seeing.gans.values import feature_tensor
 from seeing.pipeline import train
 
-from conftest import QUICK_TRAIN
+from conftest import QUICK_TRAIN, run_folder
 
 LAYERS = ["layer1", "layer2", "layer3", "layer4"]
 # fast CPU runs: no progress bar, CSV logs, a couple of steps, a tiny held-out set
@@ -133,26 +133,26 @@ def test_all_stages_train_export_and_assemble_into_the_hybrid(compose, tiny_prog
     for stage in [*LAYERS, "encoder"]:
         cfg = compose("train", [f"stage={stage}", *tiny(tiny_progan_file)])
         metrics = train(cfg)
-        assert (runs / stage / f"{stage}.pt").is_file()
-        assert (runs / stage / "checkpoints" / "last.ckpt").is_file()
+        assert (run_folder(runs, stage) / f"{stage}.pt").is_file()
+        assert (run_folder(runs, stage) / "checkpoints" / "last.ckpt").is_file()
         assert any(k.startswith("val/corr_") for k in metrics), metrics
-        assert list((runs / stage / "images").glob("step_*.png")), "no image grid written"
+        assert list((run_folder(runs, stage) / "images").glob("step_*.png")), "no image grid written"
 
     # the hybrid starts from exactly the stage weights
     cfg, module = _module(compose, "hybrid", tiny(tiny_progan_file))
-    layer3 = inverter_from_record(read_inversion_file(runs / "layer3" / "layer3.pt")["inverters"]["layer3"])
+    layer3 = inverter_from_record(read_inversion_file(run_folder(runs, "layer3") / "layer3.pt")["inverters"]["layer3"])
     for k, v in layer3.state_dict().items():
         assert torch.equal(module.encoder.inverters["layer3"].state_dict()[k], v), k
 
     metrics = train(cfg)
     assert {"val/corr_z", "val/corr_layer4", "val/mse_pixel"} <= set(metrics)
-    hybrid_file = runs / "hybrid" / "hybrid.pt"
+    hybrid_file = run_folder(runs, "hybrid") / "hybrid.pt"
     generator = load_generator(tiny_progan_file)
     encoder = load_hybrid_encoder(hybrid_file, generator)
     heldout = encoder.meta["heldout"]
     assert heldout["size"] == 8 and "corr_layer4" in heldout and -1 <= heldout["chance_corr_layer4"] <= 1
     # the exported file holds the fine-tuned weights (those of the final checkpoint), not the stages'
-    ckpt = torch.load(runs / "hybrid" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_folder(runs, "hybrid") / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 4
     trained = {k.removeprefix("encoder."): v for k, v in ckpt["state_dict"].items() if k.startswith("encoder.")}
     assert trained.keys() == encoder.state_dict().keys()
@@ -176,7 +176,7 @@ def test_all_stages_train_export_and_assemble_into_the_hybrid(compose, tiny_prog
         load_hybrid_encoder(hybrid_file, retrained)
 
     # an explicitly named file replaces the conventional one; a wrong one errors
-    (runs / "layer2" / "layer2.pt").rename(tmp_path / "elsewhere.pt")
+    (run_folder(runs, "layer2") / "layer2.pt").rename(tmp_path / "elsewhere.pt")
     with pytest.raises(FileNotFoundError, match="stage=layer2"):
         _module(compose, "hybrid", tiny(tiny_progan_file))
     _module(compose, "hybrid", tiny(tiny_progan_file) + [f"+stage.stage_files.layer2={tmp_path}/elsewhere.pt"])
@@ -282,7 +282,7 @@ def test_layer_stage_continues_an_inverter_file(compose, tiny_progan_file, tmp_p
 def test_checkpoint_resume_continues_training_and_stream(compose, tiny_progan_file, tmp_path):
     base = tiny(tiny_progan_file) + ["stage=layer2", "callbacks.checkpoint.every_n_train_steps=3"]
     train(compose("train", base + ["trainer.max_steps=3"]))
-    last = tmp_path / "runs" / "scenes_progan-tiny_progan" / "layer2" / "checkpoints" / "last.ckpt"
+    last = run_folder(tmp_path / "runs" / "scenes_progan-tiny_progan", "layer2") / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 3
     assert not any(k.startswith("generator.") for k in ckpt["state_dict"]), "frozen generator stored"
@@ -369,7 +369,7 @@ def test_layer_stages_run_for_every_zoo_layout(compose, tmp_path, tiny_wgangp_fi
     # stage layer1 through the real entry point: its inverter predicts the latent (z, or w+)
     cfg = compose("train", ["stage=layer1", *overrides])
     metrics = train(cfg)
-    out = tmp_path / "runs" / f"{model}-{path.stem}" / "layer1" / "layer1.pt"
+    out = run_folder(tmp_path / "runs" / f"{model}-{path.stem}", "layer1") / "layer1.pt"
     assert Path(cfg.output_dir) == out.parent
     record = read_inversion_file(out, "inverter")
     (layer, rec), = record["inverters"].items()

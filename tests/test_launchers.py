@@ -13,7 +13,7 @@ import hydra
 import pytest
 from omegaconf.errors import MissingMandatoryValue
 
-from conftest import REPO, compose_config
+from conftest import REPO, compose_config, run_folder
 
 # the grid of the README's launcher commands, small: oracle labels, 20 images a side
 FSD_GRID = ["metric=fsd", "metric.oracle=true", "fake=scenes,scenes_drop", "metric.n=20", "metric.batch_size=10",
@@ -144,7 +144,7 @@ def finished_grid(grids, name: str) -> tuple[str, Path]:
     output = (root / "output.txt").read_text()
     assert proc.returncode == 0, f"{name} grid: exit {proc.returncode}\n{output[-6000:]}"
     for fake, dropped in (("scenes", []), ("scenes_drop", ["person"])):
-        out = root / "runs" / "eval" / "fsd" / f"scenes_vs_{fake}" / "fsd.json"
+        out = run_folder(root / "runs" / "eval" / "fsd", f"scenes_vs_{fake}") / "fsd.json"
         assert out.is_file(), f"{out} missing:\n{output[-3000:]}"
         report = json.loads(out.read_text())
         assert report["fake"]["identity"]["drop"] == dropped and report["n"] == 20 and report["fsd"] > 0

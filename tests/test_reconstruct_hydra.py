@@ -3,6 +3,7 @@ tiny random generator with a random hybrid encoder and a random scenes segmenter
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from seeing.pipeline import evaluate, train
 from seeing.stages.reconstruct import load_result
 from seeing.models.direct_encoder import load_direct_encoder
 
-from conftest import QUICK_TRAIN
+from conftest import QUICK_TRAIN, run_folder
 
 QUICK = QUICK_TRAIN
 RECON = ["stage=reconstruct", "stage.steps=3", "stage.targets.count=3", "stage.batch_size=2"]
@@ -37,9 +38,7 @@ def test_every_variant_runs_and_the_ablation_reports_them(compose, files, tmp_pa
     # outputs are keyed by the model and its checkpoint file
     runs = tmp_path / "runs" / "scenes_progan-tiny_progan"
     model = [f"model.checkpoint={files['generator']}"]
-    # the hybrid encoder is found by convention; variants b, c need the direct encoder first
-    (runs / "hybrid").mkdir(parents=True)
-    (runs / "hybrid" / "hybrid.pt").write_bytes(files["hybrid"].read_bytes())
+    # variants b, c need the direct encoder first
     # (Hydra wraps the FileNotFoundError raised while building the stage module)
     with pytest.raises((FileNotFoundError, InstantiationException),
                        match=r"python train\.py model=scenes_progan model\.checkpoint=\S*tiny_progan\.pt \S+ "
@@ -51,17 +50,29 @@ def test_every_variant_runs_and_the_ablation_reports_them(compose, files, tmp_pa
                                       "stage.batch_size=4", "stage.val_size=4",
                                       "stage.val_batch_size=4", *QUICK, *model]))
     assert "val/corr_z" in metrics
-    direct = load_direct_encoder(runs / "direct_encoder" / "direct_encoder.pt", load_generator(files["generator"]))
+    # that smoke run is not the preset's direct encoder: variant b does not take it unnamed, and says
+    # where it is and how to use it
+    smoke = run_folder(runs, "direct_encoder") / "direct_encoder.pt"
+    assert smoke.parent.name != "direct_encoder"
+    with pytest.raises((FileNotFoundError, InstantiationException), match=r"(?s)trainer\.max_steps=2.*"
+                       + re.escape(f"stage.direct_encoder_file={smoke}")):
+        train(compose("train", [*RECON, "variant=b", *QUICK, *model]))
+    direct = load_direct_encoder(smoke, load_generator(files["generator"]))
     z = direct(torch.rand(2, 3, 16, 16) * 2 - 1)
     assert z.shape == (2, 16) and torch.allclose(z.pow(2).mean(1), torch.ones(2), atol=1e-4)  # unit RMS, like N(0, I)
 
     results = {}
+    encoders = [f"stage.hybrid_file={files['hybrid']}", f"stage.direct_encoder_file={smoke}"]
     for v in "abcdef":
-        cfg = compose("train", [*RECON, f"variant={v}", *QUICK, *model])
-        assert Path(cfg.output_dir) == runs / f"reconstruct_real_{v}"
+        cfg = compose("train", [*RECON, f"variant={v}", *QUICK, *model, *encoders])
         train(cfg)
-        results[v] = load_result(runs / f"reconstruct_real_{v}" / "reconstruction.pt")
-        assert len(list((runs / f"reconstruct_real_{v}" / "images").glob("*.png"))) == 3
+        assert Path(cfg.output_dir) == run_folder(runs, f"reconstruct_real_{v}")
+        results[v] = load_result(Path(cfg.output_dir) / "reconstruction.pt")
+        assert len(list((Path(cfg.output_dir) / "images").glob("*.png"))) == 3
+        # the result knows what made it: its settings and the encoder files it started from
+        made = results[v]["provenance"]
+        assert made["config"]["stage.steps"] == 3 and made["config"]["variant.name"] == v
+        assert str(files["hybrid"]) in {i["path"] for i in made["inputs"]} or v in "abc"
     # what each variant optimises
     assert results["f"]["positions"] == ["layer1", "layer2", "layer3"]
     assert results["a"]["positions"] == results["c"]["positions"] == results["e"]["positions"] == ["z"]
@@ -77,8 +88,8 @@ def test_every_variant_runs_and_the_ablation_reports_them(compose, files, tmp_pa
     assert torch.equal(results["a"]["targets"], results["f"]["targets"])  # the same held-out scenes
     assert int(results["f"]["ids"][0]) >= 1_000_000
 
-    train(compose("train", [*RECON, "variant=f", "stage.targets.kind=generated", *QUICK, *model]))
-    gen = load_result(runs / "reconstruct_generated_f" / "reconstruction.pt")
+    train(compose("train", [*RECON, "variant=f", "stage.targets.kind=generated", *QUICK, *model, *encoders]))
+    gen = load_result(run_folder(runs, "reconstruct_generated_f") / "reconstruction.pt")
     assert "true_latents" in gen and gen["target_kind"] == "generated"
 
     # W&B (offline) as well: its tables refuse columns of mixed types

@@ -342,23 +342,25 @@ def test_segmenter_stage_trains_and_exports(compose, tmp_path):
 
 
 def test_segmenter_stage_resumes_from_last_checkpoint(compose):
-    """A rerun with ckpt_path=last continues from the checkpoint instead of starting over: with a
-    different seed and the step budget already spent, it must export exactly the first run's weights."""
+    """A run cut off after its first step, rerun with ckpt_path=last, continues from the checkpoint
+    instead of starting over; a checkpoint of other settings (another seed) is not resumed."""
+    from conftest import Interrupted
     from seeing.pipeline import train
     from seeing.segmenters import load_scenes_segmenter
 
     common = ["stage=segmenter", "data=scenes", "logger=csv", "~callbacks.progress",
               "callbacks.checkpoint.every_n_train_steps=1", "data.train_length=16", "data.val_length=4",
               "data.test_length=4", "data.batch_size=4", "stage.widths=[4,8]", "stage.figure_images=0",
-              "trainer.max_steps=2"]
-    cfg = compose("train", common + ["seed=0"])
-    train(cfg)
+              "trainer.max_steps=2", "seed=0"]
+    cfg = compose("train", common + ["+callbacks.interrupt={_target_: conftest.InterruptAt, step: 1}"])
+    with pytest.raises(Interrupted):
+        train(cfg)
     out = Path(cfg.output_dir)
-    assert (out / "checkpoints" / "last.ckpt").exists()
-    first = load_scenes_segmenter(out / "scenes_segmenter.pt", device="cpu")
-    train(compose("train", common + ["seed=1", "ckpt_path=last"]))
+    assert (out / "checkpoints" / "last.ckpt").exists() and not (out / "scenes_segmenter.pt").exists()
+    again = compose("train", common + ["ckpt_path=last"])
+    assert Path(again.output_dir) == out  # the same settings: the same run, in the same folder
+    train(again)
     resumed = load_scenes_segmenter(out / "scenes_segmenter.pt", device="cpu")
-    assert resumed.meta["global_step"] == 2 and resumed.meta["seed"] == 1
-    assert resumed.meta["train_seconds"] > 0
-    for (name, a), b in zip(first.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
+    assert resumed.meta["global_step"] == 2 and resumed.meta["train_seconds"] > 0
+    with pytest.raises(ValueError, match=r"other settings: seed \(checkpoint 0, now 1\)"):
+        train(compose("train", [*common[:-1], "seed=1", f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}"]))

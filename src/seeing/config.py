@@ -12,6 +12,8 @@ Resolvers (registered on import; ``train.py`` and ``evaluate.py`` import this mo
 * ``${side_offset:real_value,fake_value}``: for a source config placed under ``fake``, the second
   value, else the first. One source definition serves ``real=`` and ``fake=``; a synthetic
   world drawn on both sides must not draw the same images twice;
+* ``${run_dir:readable}``: the folder of this run's identity: the readable path for the preset's
+  run, else a sibling named for what changed (:mod:`seeing.identity`);
 * ``${reconstruct_targets:kind,chosen,default,model_args}``: the photos ``stage=reconstruct``
   reconstructs: none for ``kind=generated``, else the ``real=`` source when one was chosen, else
   the recipe's default (the embedded world's held-out scenes); a public model's recipe has
@@ -76,10 +78,12 @@ def reconstruct_targets(kind: str, chosen: Any, default: Any, model_args: str = 
 
 
 def register_resolvers() -> None:
+    from seeing.identity import run_dir
     from seeing.stage_files import model_args
 
     for name, fn in (("model_id", model_id), ("model_args", model_args), ("path_stem", path_stem),
-                     ("side_offset", side_offset), ("reconstruct_targets", reconstruct_targets)):
+                     ("side_offset", side_offset), ("reconstruct_targets", reconstruct_targets),
+                     ("run_dir", run_dir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -17,12 +17,16 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from seeing.config import check_config, instantiate, resolved, run_identity
+from seeing.identity import RunIdentity, changed_settings, current_identity
+from seeing.provenance import changed_inputs, completed_record, current, finish_run, reset_inputs, start_run
 from seeing.stages.trainer import build_trainer
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_IDENTITY = "seeing_identity"  # the key IdentityStamp adds to Lightning checkpoints
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -32,23 +36,56 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(c) for c in group.values() if c is not None and "_target_" in c]
 
 
-def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """``ckpt_path=last`` resumes from the stage's own last checkpoint when there is one."""
+def resolve_ckpt_path(cfg: DictConfig, identity: RunIdentity | None = None) -> str | None:
+    """``ckpt_path=last`` resumes from the stage's own last checkpoint when there is one; any
+    checkpoint resumed must have been written by this very identity (:func:`check_checkpoint_identity`)."""
     ckpt = cfg.get("ckpt_path")
     if ckpt in (None, ""):
         return None
     if ckpt == "last":
         last = Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
-        if last.exists():
-            check_readable_checkpoint(last)
-            log.info("resuming from %s", last)
-            return str(last)
-        log.info("no %s yet: starting fresh", last)
-        return None
-    if not Path(ckpt).exists():
-        raise FileNotFoundError(f"ckpt_path={ckpt} does not exist")
-    check_readable_checkpoint(Path(ckpt))
-    return str(ckpt)
+        if not last.exists():
+            log.info("no %s yet: starting fresh", last)
+            return None
+        path = last
+    else:
+        path = Path(ckpt)
+        if not path.exists():
+            raise FileNotFoundError(f"ckpt_path={ckpt} does not exist")
+    check_readable_checkpoint(path)
+    if identity is not None:
+        check_checkpoint_identity(path, identity)
+    log.info("resuming from %s", path)
+    return str(path)
+
+
+class IdentityStamp(pl.Callback):
+    """Writes the run's identity (digest and settings) into every Lightning checkpoint it saves,
+    so a resume can tell whether a checkpoint belongs to the settings it is asked to continue."""
+
+    def __init__(self, identity: RunIdentity):
+        self.identity = identity
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_IDENTITY] = {"identity": self.identity.digest, "config": self.identity.config}
+
+
+def check_checkpoint_identity(path: Path, identity: RunIdentity) -> None:
+    """Stop before any work unless ``path`` was saved by a run of ``identity``, naming the settings
+    that differ."""
+    stamp = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(CHECKPOINT_IDENTITY)
+    if stamp and stamp.get("identity") == identity.digest:
+        return
+    fix = (f"resume it with the settings it was made with, or start this run fresh with ckpt_path=null "
+           f"(this run's folder: {identity.folder})")
+    if not stamp:
+        raise ValueError(f"{path} records no run identity (written by an older seeing): cannot tell which settings "
+                         f"made it, so it is not resumed; {fix}")
+    theirs = stamp.get("config") or {}
+    differ = changed_settings(identity.config, theirs)
+    shown = ", ".join(f"{k} (checkpoint {theirs.get(k, '<absent>')!r}, now {identity.config.get(k, '<absent>')!r})"
+                      for k in list(differ)[:6]) + (f", ... ({len(differ)} in all)" if len(differ) > 6 else "")
+    raise ValueError(f"{path} was saved by a run with other settings: {shown}; {fix}")
 
 
 def check_readable_checkpoint(path: Path) -> None:
@@ -88,40 +125,107 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     return loggers
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    check_config(cfg, [k for k in cfg.keys() if k != "model"])
-    set_threads()
-    if cfg.get("seed") is not None:
-        pl.seed_everything(cfg.seed, workers=True)
+def begin(cfg: DictConfig, name: str) -> tuple[RunIdentity | None, dict[str, Any] | None]:
+    """Before any work: the run's identity, its folder pinned into ``cfg.output_dir``, and the record
+    of a run of this identity that already completed there (then nothing is to be done unless
+    ``force=true``). Nothing is written yet: :func:`claim` does, once the run's parts are built."""
+    reset_inputs()  # the inputs this run reads are recorded from here on
+    identity = current_identity(cfg)
+    if identity is None:  # a config built without Hydra: no identity, the folder as written
+        return None, None
+    with open_dict(cfg):
+        cfg.output_dir = str(identity.folder)
+    done = completed_record(identity)
+    stale = changed_inputs(done) if done else []
+    if stale:  # same settings, other input bytes: the stored result no longer describes them
+        log.warning("inputs changed since %s was made (%s): running it again", identity.folder, "; ".join(stale))
+        done = None
+    if done and not cfg.get("force", False):
+        print(f"[{name}] already complete with these settings: {identity.folder}"
+              + (f" ({done['summary']})" if done.get("summary") else "")
+              + ". Nothing to do; force=true runs it again.")
+        return identity, done
+    if not identity.is_preset:
+        changed = ", ".join(f"{k}={v}" for k, v in list(identity.changed.items())[:8])
+        log.info("settings differ from the preset (%s): outputs in %s", changed or "see identity.json", identity.folder)
+    return identity, None
+
+
+def claim(cfg: DictConfig, identity: RunIdentity | None) -> None:
+    """The run's parts are built and its work begins: its folder gets identity.json (running) and
+    the composed config; a run stopped earlier by a bad setting leaves no folder behind."""
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    if identity is not None:
+        start_run(identity, cfg.get("seed"))
     OmegaConf.save(cfg, Path(cfg.output_dir) / "config.yaml", resolve=False)
 
+
+def objective(cfg: DictConfig, metrics: dict[str, float]) -> Any:
+    """What a sweeper minimises: ``metrics[optimized_metric]`` (lightning-hydra-template's convention),
+    else the metrics."""
+    key = cfg.get("optimized_metric")
+    if not key:
+        return metrics
+    if key not in metrics:
+        raise ValueError(f"optimized_metric={key} was not logged by this run; it logged: {', '.join(sorted(metrics))}")
+    return metrics[key]
+
+
+def train(cfg: DictConfig) -> Any:
+    check_config(cfg, [k for k in cfg.keys() if k != "model"])
+    set_threads()
+    identity, done = begin(cfg, str(cfg.stage.name))
+    if done:
+        return objective(cfg, dict(done.get("metrics") or {}))
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = hydra.utils.instantiate(cfg.data) if "data" in cfg else None
     module = instantiate(cfg.stage)
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    ckpt_path = resolve_ckpt_path(cfg, identity)
+    claim(cfg, identity)
+    callbacks = instantiate_group(cfg.get("callbacks")) + ([IdentityStamp(identity)] if identity else [])
     loggers = build_loggers(cfg)
     trainer = build_trainer(cfg, callbacks, loggers or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    outputs = []
     if hasattr(module, "export") and trainer.is_global_zero:  # written once, by process 0
+        module.provenance = current()
         path = module.export(Path(cfg.output_dir))
+        outputs.append(str(path))
         log.info("exported %s", path)
         print(f"[{cfg.stage.name}] wrote {path}")
     trainer.strategy.barrier("export")  # the other processes end only once the file is there
     print(f"[{cfg.stage.name}] outputs in {cfg.output_dir}")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    finish_run(outputs, metrics)
     for lg in loggers:
         if hasattr(lg, "experiment") and hasattr(lg.experiment, "finish"):
             lg.experiment.finish()
-    return metrics
+    return objective(cfg, metrics)
 
 
 def evaluate(cfg: DictConfig) -> Any:
     """Each ``metric`` config names a ``run`` function taking the whole config."""
     check_config(cfg, [k for k in cfg.keys() if k != "model"])
     set_threads()
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, Path(cfg.output_dir) / "config.yaml", resolve=False)
+    identity, done = begin(cfg, str(cfg.metric.name))
+    if done:
+        return done.get("metrics")
+    claim(cfg, identity)
     run = hydra.utils.get_method(cfg.metric.run)
     result = run(cfg)
     print(f"[{cfg.metric.name}] outputs in {cfg.output_dir}")
+    finish_run([], summary_numbers(result), summary_line(result))
     return result
+
+
+def summary_numbers(result: Any) -> dict[str, float]:
+    """The scalar numbers of an evaluation's result (kept in identity.json)."""
+    if not isinstance(result, dict):
+        return {}
+    return {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def summary_line(result: Any) -> str:
+    numbers = summary_numbers(result)
+    return ", ".join(f"{k} {v:.4g}" for k, v in list(numbers.items())[:4])

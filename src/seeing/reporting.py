@@ -109,13 +109,17 @@ def load_torch_file(path: str | Path, what: str, fix: str) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"no {what} at {path}. {fix}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - torch raises OSError, KeyError, RuntimeError, UnpicklingError...
         raise ValueError(f"{path} ({path.stat().st_size} bytes) is not a readable PyTorch checkpoint: the {what} "
                          f"is truncated, damaged or of another kind ({type(err).__name__}: {err}). "
                          f"{fix}") from err
+    from seeing.provenance import record_input
+
+    record_input(path, what, obj)  # the run's provenance lists every file it read
+    return obj
 
 
 def load_format_file(path: str | Path, fmt: str, what: str, fix: str | None = None) -> dict[str, Any]:

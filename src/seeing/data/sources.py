@@ -222,9 +222,15 @@ def _select(count: int, n: int, start: int, seed: int | None) -> np.ndarray:
     return chosen
 
 
+# folders that loggers and launchers write into run folders: never images of a source
+NOT_IMAGE_FOLDERS = frozenset({"wandb", "csv", "lightning_logs", "checkpoints", "__pycache__"})
+
+
 class ImageFolderSource(ImageSource):
     """Image files found recursively under ``path``. With ``shuffle`` the sample is a seeded
-    random subset; otherwise files are taken in sorted order."""
+    random subset; otherwise files are taken in sorted order. Hidden folders (``.hydra``,
+    ``.submitit``) and the folders loggers write (:data:`NOT_IMAGE_FOLDERS`) are not searched:
+    their PNGs (a W&B grid, say) are not samples; how many were passed over is logged."""
 
     kind = "folder"
 
@@ -251,19 +257,26 @@ class ImageFolderSource(ImageSource):
         not descend into symlinked folders."""
         if not self.path.is_dir():
             raise FileNotFoundError(f"image folder {self.path} does not exist or is not a directory")
-        found, folders = [], [""]
+        found, folders, passed = [], [""], []
         while folders:
             rel = folders.pop()
             with os.scandir(os.path.join(self.path, rel)) as entries:
                 for entry in entries:
                     name = rel + entry.name
                     if entry.is_dir(follow_symlinks=False):
-                        folders.append(name + os.sep)
+                        if entry.name.startswith(".") or entry.name in NOT_IMAGE_FOLDERS:
+                            passed.append(name)
+                        else:
+                            folders.append(name + os.sep)
                     elif self._is_image_name(entry.name) and entry.is_file():
                         st = entry.stat()
                         found.append((name, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        if passed and self._listing is None:
+            log.info("image folder %s: not searched: %s (hidden, logger or checkpoint folders)", self.path,
+                     ", ".join(sorted(passed)))
         if not found:
-            raise EmptySourceError(f"no image files ({', '.join(self.extensions)}) under {self.path}")
+            raise EmptySourceError(f"no image files ({', '.join(self.extensions)}) under {self.path}"
+                                   + (f" outside {', '.join(sorted(passed))}" if passed else ""))
         # component-wise, as Paths sort: NUL sorts before every character a name can hold
         found.sort(key=lambda f: f[0].replace(os.sep, "\0"))
         self._listing = [f[0] for f in found]

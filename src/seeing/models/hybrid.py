@@ -221,6 +221,9 @@ def _read_hybrid_file(path: Path) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - torch raises OSError, RuntimeError, UnpicklingError...
         raise ValueError(f"{path} is not a readable hybrid encoder file ({type(err).__name__}: {err}); "
                          f"{_hybrid_layouts()}") from err
+    from seeing.provenance import record_input
+
+    record_input(path, "hybrid file", obj)  # the run's provenance lists every file it read
     if ganseeing_layout.released_state_dict(obj) is not None:
         return obj
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:

@@ -45,7 +45,10 @@ def load_vgg16_trunk(path: Path) -> nn.Sequential:
     state dict as torchvision ships it, or just its ``features.*`` entries), frozen, eval mode."""
     from torchvision.models import vgg16
 
+    from seeing.provenance import record_input
+
     state = torch.load(path, map_location="cpu", weights_only=True)
+    record_input(path, "VGG-16 weights")
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a VGG-16 state dict")
     with torch.device("meta"):  # the architecture only: the 100M-parameter classifier is never allocated

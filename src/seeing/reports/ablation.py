@@ -1,7 +1,8 @@
 """``python evaluate.py metric=ablation``: the paper-style comparison of variants a-f.
 
-Reads every ``<runs_dir>/reconstruct_<kind>_<variant>/reconstruction.pt`` that exists
-(``python train.py -m stage=reconstruct variant=a,b,c,d,e,f [stage.targets.kind=generated]``),
+Reads the ``<runs_dir>/reconstruct_<kind>_<variant>*/reconstruction.pt`` of one group of settings
+per kind (``python train.py -m stage=reconstruct variant=a,b,c,d,e,f [stage.targets.kind=generated]``;
+:mod:`seeing.reports.run_lookup`: the preset's runs, or the only group, or ``metric.settings``),
 summarises each like ``metric=reconstruction`` does, and writes one table: a row per
 (targets, variant) with pixel (and perceptual) error, latent / layer correlations for
 generated targets, segmentation mIoU and missing classes per image. Also
@@ -19,13 +20,14 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from seeing.stages.reconstruct import RESULT_FILE, load_result
 from seeing.reporting import to_uint8
 from seeing.reporting import WandbReport, save_figure, write_csv, write_json, write_markdown_table
 
 from seeing.reports.reconstruction import _min_recall, fsd_comparison, summarize
+from seeing.reports.run_lookup import choose_runs, find_runs, upstream_files
 
 log = logging.getLogger(__name__)
 
@@ -180,11 +182,14 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     m = cfg.metric
     out_dir = Path(cfg.output_dir)
     runs_dir = Path(m.runs_dir)
-    found = {(k, v): runs_dir / f"reconstruct_{k}_{v}" / RESULT_FILE for k in m.kinds for v in m.variants}
-    found = {key: p for key, p in found.items() if p.is_file()}
+    # one group of settings per kind (seeing.reports.run_lookup): rows that compare variants, not settings
+    chosen = choose_runs(find_runs(runs_dir, m.kinds, m.variants, RESULT_FILE),
+                         OmegaConf.to_container(m.settings) if m.get("settings") else None, bool(m.get("mix", False)))
+    found = {(r.kind, r.variant): r.folder / RESULT_FILE for r in chosen}
+    runs = {(r.kind, r.variant): r for r in chosen}
     if not found:
         raise FileNotFoundError(
-            f"no reconstruction runs under {runs_dir} (looked for reconstruct_<kind>_<variant>/{RESULT_FILE}). "
+            f"no reconstruction runs under {runs_dir} (looked for reconstruct_<kind>_<variant>*/{RESULT_FILE}). "
             f"Make them with `python train.py -m {cfg.model.args} stage=reconstruct variant="
             f"{','.join(m.variants)}` (add stage.targets.kind=generated for generated targets).")
     segmenter = hydra.utils.instantiate(cfg.segmenter).to(resolve_device(cfg.get("device", "auto"))).eval()
@@ -203,6 +208,10 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         row["miou"] = met["miou_final"]
         row["missing_per_image"] = met["missing_per_image"]
         row["most_missing"] = " ".join(r["class"] for r in s["missing"][:3])
+        # what made the row: the run's folder, its settings beyond the preset, the encoder files it started from
+        row["settings"] = runs[(kind, variant)].label
+        row["run"] = runs[(kind, variant)].folder.name
+        row["encoder_files"] = upstream_files(runs[(kind, variant)].record)
         rows.append(row)
         missing_rows += [{"targets": kind, "variant": variant, **r} for r in s["missing"]]
         by_kind.setdefault(kind, {})[variant] = result
@@ -240,8 +249,13 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     write_csv(out_dir / "ablation_equivalent_steps.csv", equivalents)
     if equivalents:
         write_markdown_table(out_dir / "ablation_equivalent_steps.md", equivalents)
+    from seeing.provenance import current
+
     write_json(out_dir / "ablation.json", {"rows": rows, "missing": missing_rows, "fsd_comparison": comparison,
-                                           "ordering": ordering, "equivalent_steps": equivalents})
+                                           "ordering": ordering, "equivalent_steps": equivalents,
+                                           "runs": {f"{k}/{v}": {"folder": str(r.folder), "identity": r.record["identity"],
+                                                                 "settings": r.settings} for (k, v), r in runs.items()},
+                                           "provenance": current()})
     wandb = WandbReport(cfg, job_type="ablation")
     try:
         wandb.log_table("ablation/table", rows)

@@ -94,6 +94,7 @@ def write_samples(generator, path: str | Path, n: int, seed: int, batch_size: in
 def run(cfg: DictConfig) -> dict[str, Any]:
     from seeing.data.sources import instantiate_unwrapped
     from seeing.devices import resolve_device
+    from seeing.provenance import current
 
     m = cfg.metric
     out = Path(m.path)
@@ -121,6 +122,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "identity": identity,
         "resolution": int(generator.resolution),
         "checkpoint_meta": getattr(generator, "checkpoint_meta", {}),
+        "provenance": current(),
         **counts,
         "complete": True,
         "seconds": round(time.perf_counter() - started, 2),

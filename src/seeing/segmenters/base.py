@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
-
 from torch import nn
+
+from seeing.provenance import record_input
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ def require_file(path: str | Path, what: str) -> Path:
             f"{what}: expected the file {path}, which does not exist. "
             "Nothing is downloaded; put the file there or point the config at it."
         )
+    if path.is_file():
+        record_input(path, what)  # the run's provenance lists the segmenter it measured with
     return path
 
 

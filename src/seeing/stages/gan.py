@@ -252,6 +252,8 @@ class WGANGP(pl.LightningModule):
             "train_seconds": round(float(self.train_seconds), 1),
             "threads": torch.get_num_threads(),
             "command": " ".join(shlex.quote(a) for a in sys.argv),
+            # the run's settings, identity and inputs (set by seeing.pipeline before exporting)
+            "provenance": getattr(self, "provenance", None),
         }
         trainer = self._trainer  # None when exporting a module that was never fitted
         if trainer is not None and getattr(trainer, "datamodule", None) is not None:

@@ -299,6 +299,8 @@ class InversionStage(pl.LightningModule):
             "steps": int(self.global_step),
             "heldout": {"size": int(self.hparams.val_size), "seed": int(self.hparams.val_seed), **scores},
             "command": " ".join(["python", *sys.argv]),
+            # the run's settings, identity and inputs (set by seeing.pipeline before exporting)
+            "provenance": getattr(self, "provenance", None),
         }
         if self.started_from:
             meta["started_from"] = self.started_from

@@ -488,6 +488,8 @@ class Reconstructor(pl.LightningModule):
             "diverged": self.diverged.cpu().clone(),
             "optimised_steps": self.optimised_steps.cpu().clone(),
             "meta": dict(self.meta),
+            # the run's settings, identity and inputs (set by seeing.pipeline before exporting)
+            "provenance": getattr(self, "provenance", None),
         }
         for k, v in self.extras.items():
             out.setdefault(k, v.cpu() if torch.is_tensor(v) else v)
