@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seeing.data.sources import GeneratorSource, ImageSource
 from seeing.metrics.fsd import FrechetSegmentationDistance, per_class_table, rank_classes
+from seeing.provenance import current
 from seeing.reporting import WandbReport, save_figure, write_csv, write_json
 
 from seeing.reports.tallies import Tally, cached_tally, segmenter_identity
@@ -238,6 +239,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "most_overgenerated": ranks["most_overgenerated"],
         "per_class": rows,
         "processes": fabric.world_size,
+        "provenance": current(),
     }
     if not main:  # the other processes tallied their shares and took part in the sync: done
         return report

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from seeing.metrics.missing import MissingClasses, iou_per_class
+from seeing.provenance import current
 from seeing.reporting import WandbReport, write_csv, write_json, write_markdown_table
 from seeing.reports.missing_objects import (PANELS, latent_correlations, missing_figure, missing_panels,
                                             rank_agreement, rank_missing)
@@ -171,6 +172,7 @@ def reconstruct_here(cfg: DictConfig, out_dir: Path, generator: Any) -> dict[str
     trainer = build_trainer(cfg, callbacks, loggers=False)
     trainer.fit(module)
     module.cpu()
+    module.provenance = current()
     module.export(out_dir / "run")
     return load_result(out_dir / "run" / "reconstruction.pt")
 
@@ -181,7 +183,7 @@ def write_summary(summary: Mapping[str, Any], result: Mapping[str, Any], out_dir
     comparison = fsd_comparison(summary["missing"], m.get("fsd_report"), int(m.get("top_k", 5)))
     report = {**summary["metrics"], "missing_classes": summary["missing"], "iou_per_class": summary["iou"],
               "fsd_comparison": comparison, "targets": result.get("target_source", ""),
-              "meta": result.get("meta", {})}
+              "meta": result.get("meta", {}), "provenance": current()}
     write_json(out_dir / f"{prefix}.json", report)
     write_csv(out_dir / "missing_classes.csv", summary["missing"])
     write_markdown_table(out_dir / "missing_classes.md", summary["missing"])
