@@ -14,9 +14,14 @@ unbiased (ddof=1).
 >>> real = torch.tensor([[[0, 0], [1, 1]], [[0, 1], [1, 1]], [[0, 0], [0, 1]]])  # 3 label maps, 2 classes
 >>> fake = torch.tensor([[[1, 1], [1, 1]], [[0, 1], [1, 1]]])
 >>> frechet_segmentation_distance(real, fake, num_classes=2)
-tensor(2812.5000, dtype=torch.float64)
->>> fsd_terms(class_tally(real, 2), class_tally(fake, 2))["mean_term"]
-tensor(2812.5000, dtype=torch.float64)
+tensor(2919.7330, dtype=torch.float64)
+
+By hand: the class means are (50, 50) and (12.5, 87.5) percent, so the mean term is 2 x 37.5^2;
+both covariances are rank one along (1, -1), with variances 1250 and 625 there, so the covariance
+term is 1250 + 625 - 2 sqrt(1250 x 625) = 107.233.
+
+>>> {k: round(float(v), 3) for k, v in fsd_terms(class_tally(real, 2), class_tally(fake, 2)).items()}
+{'fsd': 2919.733, 'mean_term': 2812.5, 'cov_term': 107.233}
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@ images, with a bootstrap interval over images, and the classes whose change is b
 
 The relative change of class k is ``(mean_f - mean_r) / mean_r`` over the per-image class
 fractions. Its interval resamples the images of each side (with replacement, independently)
-and takes the percentiles of the change; a class is *dropped* (or *over-generated*) only when
-its whole interval lies below (above) zero, so the lists do not report sampling noise.
+and bounds the change of every class at once (a simultaneous band, by default); a class is
+*dropped* (or *over-generated*) only when its whole interval lies below (above) zero, so the
+lists do not report sampling noise.
 """
 from __future__ import annotations
 
@@ -33,23 +34,11 @@ def _resampled_means(tallies: np.ndarray, resamples: int, rng: np.random.Generat
     return counts @ tallies / n
 
 
-def bootstrap_relative_change(real_tallies: Any, fake_tallies: Any, resamples: int = 1000,
-                              confidence: float = 0.95, seed: int = 0,
-                              chunk: int = 100) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile bootstrap interval of each class's relative change, over images: ``(low, high)``,
-    K each.
-
-    A resample whose real mean of a class is zero gives that class no change (NaN, left out) when
-    the fake mean is zero too, and +inf when it is not; the bounds are order statistics (no
-    interpolation), so such a class keeps an open upper bound instead of a made-up number.
-    """
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence={confidence}: must be between 0 and 1 (e.g. 0.95)")
-    if resamples < 1:
-        raise ValueError(f"resamples={resamples}: must be at least 1")
-    real, fake = _array(real_tallies), _array(fake_tallies)
-    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1] or not len(real) or not len(fake):
-        raise ValueError(f"tallies must be N x K and M x K with N, M >= 1, got {real.shape} and {fake.shape}")
+def resampled_changes(real: np.ndarray, fake: np.ndarray, resamples: int, seed: int,
+                      chunk: int = 100) -> np.ndarray:
+    """``resamples x K`` relative changes of bootstrap resamples (each side's images resampled
+    with replacement, independently). A resample whose real mean of a class is zero gives that
+    class +inf when its fake mean is not zero, NaN when it is."""
     rng = np.random.default_rng(seed)
     changes = []
     for start in range(0, resamples, chunk):
@@ -57,11 +46,53 @@ def bootstrap_relative_change(real_tallies: Any, fake_tallies: Any, resamples: i
         r, f = _resampled_means(real, b, rng), _resampled_means(fake, b, rng)
         with np.errstate(divide="ignore", invalid="ignore"):
             changes.append(np.where(r > 0, (f - r) / np.where(r > 0, r, 1.0), np.where(f > 0, np.inf, np.nan)))
-    d = np.concatenate(changes)
-    alpha = (1 - confidence) / 2
-    all_nan = np.isnan(d).all(0)
-    d[:, all_nan] = 0.0  # a class in neither sample: no change, reported as [0, 0] (and never ranked)
-    return np.nanquantile(d, alpha, axis=0, method="lower"), np.nanquantile(d, 1 - alpha, axis=0, method="higher")
+    return np.concatenate(changes)
+
+
+def bootstrap_relative_change(real_tallies: Any, fake_tallies: Any, resamples: int = 1000,
+                              confidence: float = 0.95, seed: int = 0, simultaneous: bool = True,
+                              family: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap interval of each class's relative change, over images: ``(low, high)``, K each.
+
+    ``simultaneous=True``: one band for all classes at once (the bootstrap max-t band): with
+    probability ``confidence`` every class of ``family`` (a K bool mask, default all) holds its true
+    change inside its interval, so a list of the classes whose interval excludes 0 holds, at that
+    level, no class that is there by sampling noise. Each interval is the change plus or minus
+    ``q`` bootstrap standard errors, ``q`` the ``confidence`` quantile over resamples of the largest
+    standardised deviation among the family's classes (q is about 2.8 for 12 classes at 95 %,
+    against 1.96 for one class alone). ``simultaneous=False``: each class's own percentile interval.
+
+    A class whose resampled change is ever undefined or infinite (absent from a resample of the
+    real images) has an open interval (-inf, inf): it is never beyond noise.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence}: must be between 0 and 1 (e.g. 0.95)")
+    if resamples < 2:
+        raise ValueError(f"resamples={resamples}: must be at least 2")
+    real, fake = _array(real_tallies), _array(fake_tallies)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1] or not len(real) or not len(fake):
+        raise ValueError(f"tallies must be N x K and M x K with N, M >= 1, got {real.shape} and {fake.shape}")
+    k = real.shape[1]
+    d = resampled_changes(real, fake, resamples, seed)
+    change = relative_change(real.mean(0), fake.mean(0))
+    defined = np.isfinite(d).all(0) & np.isfinite(change)
+    low, high = np.full(k, -np.inf), np.full(k, np.inf)
+    if not simultaneous:
+        alpha = (1 - confidence) / 2  # order statistics, no interpolation
+        low[defined] = np.quantile(d[:, defined], alpha, axis=0, method="lower")
+        high[defined] = np.quantile(d[:, defined], 1 - alpha, axis=0, method="higher")
+        return low, high
+    se = np.zeros(k)
+    se[defined] = d[:, defined].std(0, ddof=1)
+    members = defined & (se > 0) & (np.ones(k, bool) if family is None else np.asarray(family, bool))
+    if members.any():
+        deviation = np.abs(d[:, members] - change[members]) / se[members]
+        q = float(np.quantile(deviation.max(1), confidence, method="higher"))
+    else:  # nothing varies: the band is its classes' changes themselves
+        q = 0.0
+    low[defined] = np.maximum(change[defined] - q * se[defined], -1.0)  # a class cannot lose more than all of it
+    high[defined] = change[defined] + q * se[defined]
+    return low, high
 
 
 def per_class_table(real_mean: Any, fake_mean: Any, class_names: Sequence[str],

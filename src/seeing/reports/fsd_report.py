@@ -156,23 +156,32 @@ def _scores(metric: FrechetSegmentationDistance) -> dict[str, float]:
     return {k: float(v) for k, v in metric.terms().items()}
 
 
+INTERVAL_KEYS = ("confidence", "resamples", "seed", "simultaneous")
+
+
 def interval_settings(m: DictConfig) -> dict[str, Any]:
-    """``metric.interval``: the per-class bootstrap's confidence, resamples and seed, checked."""
-    spec = {"confidence": 0.95, "resamples": 1000, "seed": 0,
+    """``metric.interval``: the per-class bootstrap's confidence, resamples, seed and whether the
+    band is simultaneous over the ranked classes, checked."""
+    spec = {"confidence": 0.95, "resamples": 1000, "seed": 0, "simultaneous": True,
             **(OmegaConf.to_container(m.interval, resolve=True) if m.get("interval") is not None else {})}
-    unknown = sorted(set(spec) - {"confidence", "resamples", "seed"})
+    unknown = sorted(set(spec) - set(INTERVAL_KEYS))
     if unknown:
-        raise ValueError(f"metric.interval.{unknown[0]}: unknown key (the interval takes confidence, resamples, seed)")
+        raise ValueError(f"metric.interval.{unknown[0]}: unknown key (the interval takes "
+                         f"{', '.join(INTERVAL_KEYS)})")
     c, b = spec["confidence"], spec["resamples"]
     if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < 1:
         raise ValueError(f"metric.interval.confidence={c!r}: give a level between 0 and 1, e.g. 0.95")
     if isinstance(b, bool) or not isinstance(b, int) or b < 100:
         raise ValueError(f"metric.interval.resamples={b!r}: give a whole number of bootstrap resamples >= 100")
-    return {"confidence": float(c), "resamples": b, "seed": int(spec["seed"])}
+    if not isinstance(spec["simultaneous"], bool):
+        raise ValueError(f"metric.interval.simultaneous={spec['simultaneous']!r}: give true or false")
+    return {"confidence": float(c), "resamples": b, "seed": int(spec["seed"]), "simultaneous": spec["simultaneous"]}
 
 
-def class_intervals(real: np.ndarray, fake: np.ndarray, spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    return bootstrap_relative_change(real, fake, spec["resamples"], spec["confidence"], spec["seed"])
+def class_intervals(real: np.ndarray, fake: np.ndarray, spec: dict[str, Any], family: np.ndarray):
+    """Each class's interval; ``family``: the classes the ranking may list (the simultaneous band's)."""
+    return bootstrap_relative_change(real, fake, spec["resamples"], spec["confidence"], spec["seed"],
+                                     spec["simultaneous"], family)
 
 
 # FSD's image size: the paper resizes (shorter side, bilinear) and centre-crops to 256 px; the
@@ -278,16 +287,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             log.warning("no real-vs-real baseline: %s", e)
 
     real_mean, fake_mean = metric.class_means()
+    min_real_area, skip = float(m.get("min_real_area", 0.0)), set(m.get("rank_skip", []))
+    family = (real_mean.numpy() > min_real_area) & np.array([c not in skip for c in class_names])
     # every process holds every side's rows (gathered by the tally), so the intervals agree
     noise_floor = None
     if baseline is not None:
-        low, high = class_intervals(real_tally.tallies, other.tallies, interval)
+        low, high = class_intervals(real_tally.tallies, other.tallies, interval, family)
         noise_floor = {"delta": relative_change(real_tally.tallies.mean(0), other.tallies.mean(0)),
                        "low": low, "high": high}
     rows = per_class_table(real_mean, fake_mean, class_names,
-                           class_intervals(real_tally.tallies, fake_tally.tallies, interval), noise_floor)
-    ranks = rank_classes(rows, top=int(m.get("top_k", 10)), min_real_area=float(m.get("min_real_area", 0.0)),
-                         skip=list(m.get("rank_skip", [])))
+                           class_intervals(real_tally.tallies, fake_tally.tallies, interval, family), noise_floor)
+    ranks = rank_classes(rows, top=int(m.get("top_k", 10)), min_real_area=min_real_area, skip=sorted(skip))
 
     report = {
         "fsd": result["fsd"],
@@ -301,7 +311,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "real": _side_report(real, real_tally),
         "fake": _side_report(fake, fake_tally),
         # classes whose change lies beyond its interval, most changed first
-        "interval": {"method": "percentile bootstrap over images, each side resampled", **interval},
+        "interval": {"method": ("simultaneous bootstrap band (max-t) over the ranked classes" if interval["simultaneous"]
+                                else "percentile bootstrap per class") + ", images of each side resampled",
+                     **interval},
         "most_dropped": ranks["most_dropped"],
         "most_overgenerated": ranks["most_overgenerated"],
         "per_class": rows,
@@ -337,15 +349,16 @@ def _log_summary(report: dict[str, Any]) -> None:
         report["fsd"], report["mean_term"], report["cov_term"], report["real"]["images"], report["fake"]["images"],
         f"; real vs real {base['fsd']:.4f}" if base else "",
     )
-    level = f"{report['interval']['confidence']:.0%}"
+    spec = report["interval"]
+    level = f"{'simultaneous ' if spec['simultaneous'] else ''}{spec['confidence']:.0%}"
     for key, label in (("most_dropped", "most dropped"), ("most_overgenerated", "most over-generated")):
-        top = ", ".join(f"{r['class']} {r['relative_delta']:+.0%} [{_pct(r['ci_low'])}, {_pct(r['ci_high'])}]"
+        top = ", ".join(f"{r['class']} {r['relative_delta']:+.1%} [{_pct(r['ci_low'])}, {_pct(r['ci_high'])}]"
                         for r in report[key][:5])
-        log.info("%s (beyond the %s interval): %s", label, level, top or "none")
+        log.info("%s (%s interval beyond 0): %s", label, level, top or "none")
     for side in ("real", "fake"):
         if report[side]["skipped"]:
             log.warning("%s: %d unreadable images skipped", side, report[side]["skipped"])
 
 
 def _pct(value: float | None) -> str:
-    return "open" if value is None else f"{value:+.0%}"
+    return "open" if value is None else f"{value:+.1%}"
