@@ -3,7 +3,6 @@ reconstruction's loss plot names the terms it shows."""
 from __future__ import annotations
 
 import matplotlib
-import pytest
 import torch
 
 matplotlib.use("Agg")

@@ -107,14 +107,15 @@ def palette(num_classes: int) -> np.ndarray:
 
 
 def missing_overlay(image: np.ndarray, regions: Sequence[ObjectRegion]) -> np.ndarray:
-    """The target dimmed, each missing object tinted red and outlined in yellow."""
+    """The target dimmed, each missing object tinted red and outlined in yellow (its outer edge)."""
     out = (image.astype(np.float32) * 0.45).astype(np.uint8)
     red, yellow = np.array([255, 30, 30], dtype=np.float32), np.array([255, 230, 0], dtype=np.uint8)
     for g in regions:
         if not g.missing:
             continue
         out[g.mask] = (0.35 * image[g.mask] + 0.65 * red).astype(np.uint8)
-        out[g.mask & ~ndimage.binary_erosion(g.mask)] = yellow
+        outer = ndimage.binary_fill_holes(g.mask)  # its outline, not the edges of the windows inside it
+        out[outer & ~ndimage.binary_erosion(outer)] = yellow
     return out
 
 
