@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from seeing.metrics import (
-    FrechetSegmentationDistance,
-    class_tally,
-    frechet_segmentation_distance,
-    per_class_table,
-    rank_classes,
-)
+from seeing.metrics import FrechetSegmentationDistance, class_tally, per_class_table, rank_classes
+from seeing.metrics.functional import fsd_terms
+
+
+def frechet_segmentation_distance(real, fake):
+    """The functional form's three numbers as floats, for comparison with the goldens."""
+    t = fsd_terms(real, fake)
+    return float(t["fsd"]), float(t["mean_term"]), float(t["cov_term"])
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "fsd")
 REL = 1e-6
@@ -47,7 +48,8 @@ def test_metric_matches_reference_in_one_batch_or_many(golden):
     whole = FrechetSegmentationDistance(real.shape[1])
     whole.update_tally(torch.from_numpy(real), real=True)
     whole.update_tally(torch.from_numpy(fake), real=False)
-    one = {k: float(v) for k, v in whole.compute().items()}
+    one = {k: float(v) for k, v in whole.terms().items()}
+    assert float(whole.compute()) == one["fsd"]  # compute() is the scalar FSD
 
     # uneven batches, real and fake interleaved, some through update() and some through update_tally()
     split = FrechetSegmentationDistance(real.shape[1])
@@ -57,7 +59,7 @@ def test_metric_matches_reference_in_one_batch_or_many(golden):
             split.update(torch.from_numpy(real[r_edges[i] : r_edges[i + 1]]), real=True)
         if i + 1 < len(f_edges):
             split.update_tally(torch.from_numpy(fake[f_edges[i] : f_edges[i + 1]]), real=False)
-    many = {k: float(v) for k, v in split.compute().items()}
+    many = {k: float(v) for k, v in split.terms().items()}
 
     for key in ("fsd", "mean_term", "cov_term"):
         assert _close(one[key], expected[key]), (key, one[key], expected[key])
@@ -88,7 +90,7 @@ def test_label_maps_and_tallies_give_the_same_metric():
     from_tallies = FrechetSegmentationDistance(k)
     from_tallies.update_tally(class_tally(real_maps, k), real=True)
     from_tallies.update_tally(class_tally(fake_maps, k), real=False)
-    a, b = from_maps.compute(), from_tallies.compute()
+    a, b = from_maps.terms(), from_tallies.terms()
     assert float(a["fsd"]) > 0.1
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-12, atol=0)
@@ -147,8 +149,51 @@ def test_per_class_table_and_ranking():
     assert [r["class"] for r in ranks["most_dropped"]] == ["person", "car"]
     assert [r["class"] for r in ranks["most_overgenerated"]] == ["tree", "sky"]
     assert [r["class"] for r in rank_classes(rows, min_real_area=0.15)["most_dropped"]] == ["person"]
+    # with intervals, only changes beyond them are ranked (sky's +10 % is within [-5 %, +20 %])
+    low, high = np.array([-0.05, -1.0, -0.7, 0.2, 0.0]), np.array([0.2, -0.9, -0.2, 0.9, 0.0])
+    rows = per_class_table(real, fake, names, (low, high))
+    assert [r["beyond_noise"] for r in rows] == [False, True, True, True, False]
+    ranks = rank_classes(rows)
+    assert [r["class"] for r in ranks["most_dropped"]] == ["person", "car"]
+    assert [r["class"] for r in ranks["most_overgenerated"]] == ["tree"]
     with pytest.raises(ValueError, match="class-count mismatch"):
         per_class_table(real, fake, names[:4])
+
+
+def _dirichlet_tallies(n: int, seed: int, drop: int | None = None) -> np.ndarray:
+    """Per-image class fractions of 8 classes, large and small; ``drop``: a class never drawn."""
+    rng = np.random.default_rng(seed)
+    t = rng.dirichlet([8, 4, 2, 1, 1, 0.5, 0.5, 0.3], size=n)
+    if drop is not None:
+        t[:, drop] = 0
+        t /= t.sum(1, keepdims=True)
+    return t
+
+
+def test_a_planted_drop_ranks_first_beyond_noise_and_real_vs_real_lists_nothing():
+    from seeing.metrics.per_class import bootstrap_relative_change
+
+    names = [f"class{k}" for k in range(8)]
+    real = _dirichlet_tallies(1000, 0)
+    dropped = _dirichlet_tallies(1000, 1, drop=4)
+    interval = bootstrap_relative_change(real, dropped, resamples=500)
+    rows = per_class_table(real.mean(0), dropped.mean(0), names, interval)
+    first = rank_classes(rows)["most_dropped"][0]
+    assert first["class"] == "class4" and first["relative_delta"] == -1.0
+    assert first["ci_low"] == first["ci_high"] == -1.0 and first["beyond_noise"]
+    # two samples of one source: the lists are empty, pair after pair (a simultaneous 95 % band)
+    listed = []
+    for seed in range(2, 7):
+        other = _dirichlet_tallies(1000, seed)
+        rows = per_class_table(real.mean(0), other.mean(0), names, bootstrap_relative_change(real, other, 500))
+        ranks = rank_classes(rows)
+        listed += [r["class"] for r in ranks["most_dropped"] + ranks["most_overgenerated"]]
+        assert all(r["ci_low"] < r["relative_delta"] < r["ci_high"] for r in rows)
+    assert len(listed) <= 1, listed
+    # per class (not simultaneous), each interval is narrower
+    low_s, high_s = bootstrap_relative_change(real, other, 500)
+    low_p, high_p = bootstrap_relative_change(real, other, 500, simultaneous=False)
+    assert np.all(high_p - low_p < high_s - low_s)
 
 
 def _distributed_worker(rank: int, world: int, store: str, real: np.ndarray, fake: np.ndarray, out: str) -> None:
@@ -165,7 +210,8 @@ def _distributed_worker(rank: int, world: int, store: str, real: np.ndarray, fak
         local = {"real": int(metric.real_count), "fake": int(metric.fake_count)}  # this process's own state
         synced = metric.counts()  # counts and class means are read from the synced states, like compute()
         means = [m.tolist() for m in metric.class_means()]
-        result = {k: float(v) for k, v in metric.compute().items()}  # syncs (sum) across processes
+        result = {k: float(v) for k, v in metric.terms().items()}  # syncs (sum) across processes
+        result["compute"] = float(metric.compute())  # the scalar, synced the same way
         after = {"real": int(metric.real_count), "fake": int(metric.fake_count)}
         torch.save({"result": result, "local": local, "synced": synced, "means": means, "after": after},
                    f"{out}.{rank}")
@@ -181,7 +227,8 @@ def test_two_process_sum_reduction_matches_single_process(golden, tmp_path):
     single = FrechetSegmentationDistance(real.shape[1])
     single.update_tally(torch.from_numpy(real), real=True)
     single.update_tally(torch.from_numpy(fake), real=False)
-    want = {k: float(v) for k, v in single.compute().items()}
+    want = {k: float(v) for k, v in single.terms().items()}
+    want["compute"] = want["fsd"]
 
     out = str(tmp_path / "result")
     # fork: the workers inherit the imported modules instead of re-importing torch (CPU-only, gloo)

@@ -62,8 +62,15 @@ def test_planted_person_drop_ranks_first_and_beats_real_vs_real(compose):
     report = evaluate(cfg)
     baseline = report["fsd_real_vs_real"]
     print(f"planted drop FSD {report['fsd']:.4f} vs real-vs-real {baseline['fsd']:.4f} (n=1000 each)")
-    assert report["most_dropped"][0]["class"] == "person"
-    assert report["most_dropped"][0]["relative_delta"] == -1.0
+    first = report["most_dropped"][0]
+    assert first["class"] == "person" and first["relative_delta"] == -1.0
+    assert first["ci_high"] == -1.0 and first["beyond_noise"]  # never drawn in any resample of the drop
+    # every listed class lies beyond its interval; the noise floor is reported beside it
+    assert all(r["ci_high"] < 0 for r in report["most_dropped"])
+    assert all(r["ci_low"] > 0 for r in report["most_overgenerated"])
+    person = next(r for r in report["per_class"] if r["class"] == "person")
+    assert person["real_vs_real_ci_low"] < person["real_vs_real_delta"] < person["real_vs_real_ci_high"]
+    assert report["interval"]["confidence"] == 0.95 and report["interval"]["simultaneous"]
     assert baseline["images"] == report["real"]["images"] == report["fake"]["images"] == 1000
     assert report["fsd"] > 4 * baseline["fsd"], (report["fsd"], baseline["fsd"])
     assert report["fsd"] == pytest.approx(report["mean_term"] + report["cov_term"])
@@ -93,7 +100,8 @@ def test_evaluate_writes_report_files_and_reuses_the_tally_cache(compose, tiny_s
     with open(out / "fsd_per_class.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["class"] for r in rows] == list(CLASS_NAMES)
-    assert set(rows[0]) == {"index", "class", "real_area", "generated_area", "relative_delta"}
+    assert set(rows[0]) == {"index", "class", "real_area", "generated_area", "relative_delta", "ci_low", "ci_high",
+                            "beyond_noise"}  # no real-vs-real columns: the folder has no second sample
     assert sum(float(r["real_area"]) for r in rows) == pytest.approx(1.0)
     with Image.open(out / "fsd_histogram.png") as img:
         assert img.format == "PNG" and img.size[0] > 200
@@ -123,6 +131,30 @@ def test_evaluate_writes_report_files_and_reuses_the_tally_cache(compose, tiny_s
     torch.save(make_weights_file(SceneSegmenterNet(len(CLASS_NAMES), (4, 8)), CLASS_NAMES), tiny_segmenter)
     fourth = evaluate(compose("evaluate", overrides))
     assert (fourth["real"]["cache"], fourth["fake"]["cache"]) == ("miss", "miss")
+
+
+def test_histogram_names_both_sources_and_draws_intervals_and_the_floor():
+    from seeing.metrics.per_class import per_class_table
+    from seeing.reports.fsd_report import histogram_figure
+
+    names = ["sky", "person", "car"]
+    noise = {"delta": np.array([0.01, -0.05, 0.02]), "low": np.array([-0.02, -0.2, -0.1]),
+             "high": np.array([0.03, 0.1, 0.15])}
+    rows = per_class_table([0.6, 0.1, 0.3], [0.62, 0.0, 0.38], names,
+                           (np.array([-0.01, -1.0, 0.1]), np.array([0.07, -1.0, 0.4])), noise)
+    fig = histogram_figure(rows, real_name="scenes", fake_name="scenes_drop", confidence=0.95)
+    top, bottom = fig.axes
+    legend = [t.get_text() for ax in (top, bottom) for t in ax.get_legend().get_texts()]
+    assert "real=scenes" in legend and "fake=scenes_drop" in legend
+    assert any("2nd sample" in t and "noise floor" in t for t in legend)
+    assert any("95% bootstrap interval" in t for t in legend)
+    assert bottom.get_xlabel() == "class, by mean area in real=scenes" and "relative change" in bottom.get_ylabel()
+    assert top.get_ylabel() == "mean fraction of pixels"
+    assert len(bottom.patches) >= 2 * len(names)  # a bar and a noise-floor box per class
+    # the legends sit beside the axes, not over the bars
+    fig.canvas.draw()
+    for ax in (top, bottom):
+        assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
 
 
 def test_generator_source_from_the_model_config(compose, tiny_segmenter):

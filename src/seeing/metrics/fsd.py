@@ -1,188 +1,170 @@
-"""Frechet Segmentation Distance (FSD, Bau et al. 2019, Sec. 3.1).
+"""Frechet Segmentation Distance (FSD, Bau et al. 2019, Sec. 3.1) as a torchmetrics Metric.
 
-Each image is summarised by its *class tally*: the fraction of its pixels that a
-segmenter assigns to each of K classes. FSD is the Frechet distance between two
-Gaussians fitted to the real and the generated tallies:
+The metric keeps, for real and fake each, the image count, the sum of the (percent) class
+tallies and the sum of their outer products in float64: O(K^2) state, independent of the
+number of images, and exactly additive across batches and processes (``dist_reduce_fx="sum"``).
+The formula and the functional form are in :mod:`seeing.metrics.functional`.
 
-    FSD = ||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2))
-
-On the published scale the tallies are in percent (fractions x 100) and the
-covariances are unbiased (ddof=1). The metric keeps, for real and fake each, the
-image count, the sum of the tallies and the sum of their outer products in
-float64: O(K^2) state, independent of the number of images, and exactly additive
-across batches and processes.
+In one's own LightningModule, ``compute()`` being the scalar FSD, ``self.log("val/fsd", self.fsd)``
+takes the metric: see ``docs/metrics.md`` (a doctest run by the test suite).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence, Union
 
-import numpy as np
 import torch
+from torch import nn
 from torchmetrics import Metric
 
-# Published FSD values are computed on tallies expressed in percent.
-PERCENT = 100.0
+from seeing.metrics.functional import (
+    PERCENT,
+    as_tallies,
+    class_tally,
+    frechet_distance,
+    gaussian_from_sums,
+)
+
 ROLES = ("real", "fake")
 
 
-def class_tally(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Per-image class fractions of integer label maps ``N x H x W`` -> ``N x K`` (float64).
-
-    One ``bincount`` over ``image_index * K + label`` counts every image at once.
-    """
-    if labels.dim() != 3:
-        raise ValueError(f"label maps must be N x H x W, got shape {tuple(labels.shape)}")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise TypeError(f"label maps must hold integer class indices, got {labels.dtype}")
-    n = labels.shape[0]
-    flat = labels.reshape(n, -1).long()
-    if flat.numel():
-        lo, hi = int(flat.min()), int(flat.max())
-        if lo < 0 or hi >= num_classes:
-            bad = hi if hi >= num_classes else lo
-            raise ValueError(
-                f"class-count mismatch: label {bad} is outside [0, {num_classes}); the segmenter's "
-                f"classes do not match the metric's num_classes={num_classes}"
-            )
-    offsets = torch.arange(n, device=flat.device).unsqueeze(1) * num_classes
-    counts = torch.bincount((flat + offsets).reshape(-1), minlength=n * num_classes)
-    return counts.reshape(n, num_classes).to(torch.float64) / max(flat.shape[1], 1)
-
-
-def _as_tallies(tallies: Any, num_classes: int | None = None) -> torch.Tensor:
-    t = torch.as_tensor(tallies)
-    if t.dim() != 2:
-        raise ValueError(f"tallies must be N x K per-image class fractions, got shape {tuple(t.shape)}")
-    if num_classes is not None and t.shape[1] != num_classes:
-        raise ValueError(
-            f"class-count mismatch: tallies have {t.shape[1]} classes, the metric expects {num_classes}"
-        )
-    return t.to(torch.float64)
-
-
-def gaussian_from_sums(count: torch.Tensor, total: torch.Tensor, outer: torch.Tensor):
-    """Mean and unbiased covariance from ``n``, ``sum x`` and ``sum x x^T`` (float64)."""
-    n = float(count)
-    if n < 2:
-        raise ValueError(f"FSD needs at least 2 images on each side, got {int(n)}")
-    mean = total / n
-    cov = (outer - n * torch.outer(mean, mean)) / (n - 1)
-    return mean, (cov + cov.T) / 2  # symmetric up to rounding; make it exactly so
-
-
-def _numerical_zeros_to_zero(vals: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues of a PSD matrix below its rounding noise (eps * largest) are zeros.
-
-    Covariances of tallies are singular (absent classes, fewer images than classes). Left as
-    they are, the square root would turn the rounding noise of those zero eigenvalues into
-    errors of ~1e-8 relative that depend on how the images were batched; a larger cut-off
-    would discard genuine small eigenvalues (measurably, against the published values).
-    """
-    tol = vals.abs().max() * torch.finfo(vals.dtype).eps
-    return torch.where(vals > tol, vals, torch.zeros_like(vals))
-
-
-def _psd_sqrt(mat: torch.Tensor) -> torch.Tensor:
-    """Square root of a symmetric positive semi-definite matrix via its eigendecomposition."""
-    vals, vecs = torch.linalg.eigh(mat)
-    return (vecs * _numerical_zeros_to_zero(vals).sqrt()) @ vecs.T
-
-
-def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor):
-    """``(distance, mean_term, cov_term)`` between N(mu1, cov1) and N(mu2, cov2).
-
-    ``Tr((S1 S2)^(1/2))`` is computed as the sum of square roots of the eigenvalues of the
-    symmetric PSD matrix ``S1^(1/2) S2 S1^(1/2)`` (same spectrum as ``S1 S2``). Unlike a
-    general ``sqrtm`` this stays real and stable when the covariances are singular, which
-    they are whenever a class never appears (its row and column are zero).
-    """
-    mu1, mu2, cov1, cov2 = (torch.as_tensor(x, dtype=torch.float64) for x in (mu1, mu2, cov1, cov2))
-    mean_term = torch.sum((mu1 - mu2) ** 2)
-    root1 = _psd_sqrt(cov1)
-    middle = root1 @ cov2 @ root1
-    eig = _numerical_zeros_to_zero(torch.linalg.eigvalsh((middle + middle.T) / 2))
-    cov_term = torch.trace(cov1) + torch.trace(cov2) - 2 * eig.sqrt().sum()
-    return mean_term + cov_term, mean_term, cov_term
-
-
-def _sums(tallies: torch.Tensor, scale: float):
-    x = tallies.to(torch.float64) * scale
-    return torch.tensor(float(x.shape[0]), dtype=torch.float64), x.sum(0), x.T @ x
-
-
-def frechet_segmentation_distance(real: Any, fake: Any, scale: float = PERCENT) -> tuple[float, float, float]:
-    """FSD between ``N x K`` real and ``M x K`` generated per-image class fractions.
-
-    Returns ``(fsd, mean_term, cov_term)`` on the published scale (percent, ddof=1).
-    """
-    real_t, fake_t = _as_tallies(real), _as_tallies(fake)
-    if real_t.shape[1] != fake_t.shape[1]:
-        raise ValueError(
-            f"class-count mismatch: real tallies have {real_t.shape[1]} classes, fake {fake_t.shape[1]}"
-        )
-    mu_r, cov_r = gaussian_from_sums(*_sums(real_t, scale))
-    mu_f, cov_f = gaussian_from_sums(*_sums(fake_t, scale))
-    return tuple(float(v) for v in frechet_distance(mu_r, cov_r, mu_f, cov_f))
-
-
 class FrechetSegmentationDistance(Metric):
-    """torchmetrics FSD: ``update(labels_or_tallies, real=...)`` then ``compute()``.
+    """FSD between the real and the generated images it is given (lower is better).
 
-    ``update`` takes integer label maps ``N x H x W`` (tallied here) or float ``N x K``
-    per-image class fractions (as :meth:`update_tally`). ``compute()`` returns a dict with
-    ``fsd``, ``mean_term`` and ``cov_term`` (float64 scalars).
+    ``update(x, real)`` takes, for ``real`` True or False (or a per-image boolean mask):
+
+    - float images ``N x 3 x H x W`` in [-1, 1], segmented by the metric's ``segmenter``
+      (as torchmetrics' FID runs its feature extractor);
+    - integer label maps ``N x H x W`` with classes ``0 .. num_classes - 1``;
+    - float ``N x K`` per-image class fractions (tallies; also :meth:`update_tally`).
+
+    ``compute()`` returns the FSD as a float64 scalar tensor; :meth:`terms` returns it with its
+    mean and covariance terms. ``forward`` (calling the metric) adds the batch to the state and
+    returns the FSD of the batch alone, as torchmetrics defines it: a batch that holds one side
+    only has no distance of its own, so its value is NaN (no error); a batch holding both sides,
+    ``real`` a mask, has one.
+
+    Args:
+        num_classes: K; taken from ``segmenter.class_names`` when a segmenter is given.
+        segmenter: a module whose ``segment(images)`` returns label maps (any
+            :class:`seeing.segmenters.base.Segmenter`); kept in eval mode, never trained.
+        scale: the tallies' unit (100: percent, the published scale).
     """
 
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
+    plot_lower_bound = 0.0
 
-    def __init__(self, num_classes: int, scale: float = PERCENT, **kwargs: Any):
+    def __init__(self, num_classes: Optional[int] = None, segmenter: Optional[nn.Module] = None,
+                 scale: float = PERCENT, **kwargs: Any):
         super().__init__(**kwargs)
-        if num_classes < 1:
+        names = getattr(segmenter, "class_names", None) if segmenter is not None else None
+        if segmenter is not None and not callable(getattr(segmenter, "segment", None)):
+            raise TypeError(f"segmenter {type(segmenter).__name__} has no segment(images) method")
+        if num_classes is None:
+            if names is None:
+                raise ValueError("FrechetSegmentationDistance needs num_classes, or a segmenter with class_names")
+            num_classes = len(names)
+        elif names is not None and len(names) != int(num_classes):
+            raise ValueError(f"class-count mismatch: num_classes={num_classes} but the segmenter has "
+                             f"{len(names)} classes")
+        if int(num_classes) < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         self.num_classes = int(num_classes)
+        self.class_names = list(names) if names is not None else None
+        self.segmenter = segmenter
         self.scale = float(scale)
+        self._batch_value = False  # True while forward() computes the value of its batch alone
         k = self.num_classes
         for role in ROLES:
             self.add_state(f"{role}_count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
             self.add_state(f"{role}_sum", torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
             self.add_state(f"{role}_outer", torch.zeros(k, k, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, labels: torch.Tensor, real: bool) -> None:  # type: ignore[override]
-        labels = torch.as_tensor(labels)
-        tallies = labels if labels.dtype.is_floating_point else class_tally(labels, self.num_classes)
-        x = _as_tallies(tallies, self.num_classes).to(self.real_sum.device) * self.scale
-        role = "real" if real else "fake"
-        setattr(self, f"{role}_count", getattr(self, f"{role}_count") + x.shape[0])
-        setattr(self, f"{role}_sum", getattr(self, f"{role}_sum") + x.sum(0))
-        setattr(self, f"{role}_outer", getattr(self, f"{role}_outer") + x.T @ x)
+    # ------------------------------------------------------------------ input
+    def tallies_of(self, x: torch.Tensor) -> torch.Tensor:
+        """``N x K`` class fractions of images (segmented here), label maps or tallies."""
+        x = torch.as_tensor(x)
+        if x.dim() == 4:
+            if self.segmenter is None:
+                raise ValueError("FSD got images (N x 3 x H x W) but has no segmenter: build it with "
+                                 "FrechetSegmentationDistance(segmenter=...), or pass label maps or tallies")
+            with torch.no_grad():
+                x = self.segmenter.segment(x)
+        if x.dim() == 3:
+            return class_tally(x, self.num_classes)
+        return as_tallies(x, self.num_classes)
 
-    def update_tally(self, fractions: torch.Tensor, real: bool) -> None:
+    def update(self, x: torch.Tensor, real: Union[bool, torch.Tensor]) -> None:  # type: ignore[override]
+        tallies = self.tallies_of(x).to(self.real_sum.device) * self.scale
+        if isinstance(real, bool) or torch.as_tensor(real).dim() == 0:
+            parts = {"real" if bool(real) else "fake": tallies}
+        else:
+            mask = torch.as_tensor(real, dtype=torch.bool, device=tallies.device)
+            if mask.shape != tallies.shape[:1]:
+                raise ValueError(f"real must be a bool or a mask of {tallies.shape[0]} images, got shape "
+                                 f"{tuple(mask.shape)}")
+            parts = {"real": tallies[mask], "fake": tallies[~mask]}
+        for role, t in parts.items():
+            setattr(self, f"{role}_count", getattr(self, f"{role}_count") + t.shape[0])
+            setattr(self, f"{role}_sum", getattr(self, f"{role}_sum") + t.sum(0))
+            setattr(self, f"{role}_outer", getattr(self, f"{role}_outer") + t.T @ t)
+
+    def update_tally(self, fractions: torch.Tensor, real: Union[bool, torch.Tensor]) -> None:
         """Add per-image class fractions (``N x K``, rows summing to 1)."""
         fractions = torch.as_tensor(fractions)
         if not fractions.dtype.is_floating_point:
             raise TypeError(f"tallies must be float class fractions, got {fractions.dtype}")
         self.update(fractions, real)  # through torchmetrics' wrapped update (update count, sync state)
 
-    def gaussians(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {
-            role: gaussian_from_sums(
-                getattr(self, f"{role}_count"), getattr(self, f"{role}_sum"), getattr(self, f"{role}_outer")
-            )
-            for role in ROLES
-        }
+    def train(self, mode: bool = True) -> "FrechetSegmentationDistance":
+        super().train(mode)
+        if self.segmenter is not None:  # a measuring instrument: its batch norms never switch to training
+            self.segmenter.eval()
+        return self
 
-    def compute(self) -> dict[str, torch.Tensor]:
-        g = self.gaussians()
-        fsd, mean_term, cov_term = frechet_distance(*g["real"], *g["fake"])
+    # ------------------------------------------------------------------ output
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """torchmetrics' ``forward``: update the state, return the FSD of this batch alone (NaN for a
+        batch that holds one side only)."""
+        self._batch_value = True
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._batch_value = False
+
+    @contextmanager
+    def _synced(self) -> Iterator[None]:
+        """The states of every process (synced for the duration, then this process's own again)."""
+        with self.sync_context():
+            yield
+
+    def _terms(self) -> dict[str, torch.Tensor]:
+        counts = [int(getattr(self, f"{role}_count")) for role in ROLES]
+        if self._batch_value and min(counts) < 2:
+            nan = torch.tensor(float("nan"), dtype=torch.float64, device=self.real_sum.device)
+            return {"fsd": nan, "mean_term": nan, "cov_term": nan}
+        g = [gaussian_from_sums(getattr(self, f"{role}_count"), getattr(self, f"{role}_sum"),
+                                getattr(self, f"{role}_outer")) for role in ROLES]
+        fsd, mean_term, cov_term = frechet_distance(*g[0], *g[1])
         return {"fsd": fsd, "mean_term": mean_term, "cov_term": cov_term}
+
+    def compute(self) -> torch.Tensor:
+        """The FSD (float64 scalar tensor) over every image added, on every process."""
+        return self._terms()["fsd"]
+
+    def terms(self) -> dict[str, torch.Tensor]:
+        """``{"fsd", "mean_term", "cov_term"}``: the FSD and its two parts, ``||mu_r - mu_f||^2``
+        and ``Tr(S_r + S_f - 2 (S_r S_f)^(1/2))`` (float64 scalars, over every process)."""
+        with self._synced():
+            return self._terms()
 
     def class_means(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean fraction of pixels per class (0..1), real and fake; the per-class report's input.
         Read from the states synced over every process (as :meth:`compute` is)."""
         out = []
-        with self.sync_context():
+        with self._synced():
             for role in ROLES:
                 n = float(getattr(self, f"{role}_count"))
                 if n == 0:
@@ -192,59 +174,18 @@ class FrechetSegmentationDistance(Metric):
 
     def counts(self) -> dict[str, int]:
         """Images added per role, over every process."""
-        with self.sync_context():
+        with self._synced():
             return {role: int(getattr(self, f"{role}_count")) for role in ROLES}
 
+    def plot(self, val: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]] = None,
+             ax: Optional[Any] = None) -> Any:
+        """Plot one FSD value or a sequence of them (e.g. one per epoch) with torchmetrics' plotting
+        helpers; without ``val``, the current ``compute()``. Returns ``(figure, axes)``.
 
-def per_class_table(
-    real_mean: Sequence[float] | torch.Tensor,
-    fake_mean: Sequence[float] | torch.Tensor,
-    class_names: Sequence[str],
-) -> list[dict[str, Any]]:
-    """One row per class: mean area real vs generated and the relative delta (gen - real) / real.
-
-    A class absent from the real set has no relative delta (None), since it cannot be dropped.
-    Rows are in class order.
-    """
-    real_mean = np.asarray(torch.as_tensor(real_mean, dtype=torch.float64).cpu())
-    fake_mean = np.asarray(torch.as_tensor(fake_mean, dtype=torch.float64).cpu())
-    if not (len(real_mean) == len(fake_mean) == len(class_names)):
-        raise ValueError(
-            f"class-count mismatch: {len(real_mean)} real, {len(fake_mean)} fake means, "
-            f"{len(class_names)} class names"
-        )
-    rows = []
-    for index, (name, r, f) in enumerate(zip(class_names, real_mean, fake_mean)):
-        delta = (f - r) / r if r > 0 else None
-        rows.append(
-            {
-                "index": index,
-                "class": str(name),
-                "real_area": float(r),
-                "generated_area": float(f),
-                "relative_delta": None if delta is None else float(delta),
-            }
-        )
-    return rows
-
-
-def rank_classes(
-    rows: Sequence[dict[str, Any]], top: int = 10, min_real_area: float = 0.0, skip: Sequence[str] = ()
-) -> dict[str, list[dict[str, Any]]]:
-    """Most-dropped (most negative relative delta) and most over-generated classes.
-
-    Classes whose mean real area is at most ``min_real_area`` are left out: a tiny
-    denominator makes the relative delta noise. ``skip`` names classes never ranked
-    (e.g. the "unlabeled" class 0).
-    """
-    ranked = [
-        r
-        for r in rows
-        if r["relative_delta"] is not None and r["real_area"] > min_real_area and r["class"] not in set(skip)
-    ]
-    dropped = sorted(ranked, key=lambda r: (r["relative_delta"], -r["real_area"]))
-    over = sorted(ranked, key=lambda r: (-r["relative_delta"], -r["real_area"]))
-    return {
-        "most_dropped": [r for r in dropped if r["relative_delta"] < 0][:top],
-        "most_overgenerated": [r for r in over if r["relative_delta"] > 0][:top],
-    }
+        >>> import torch
+        >>> metric = FrechetSegmentationDistance(num_classes=3)
+        >>> metric.update(torch.tensor([[0.5, 0.5, 0.0], [0.3, 0.6, 0.1]]), real=True)
+        >>> metric.update(torch.tensor([[0.9, 0.1, 0.0], [0.7, 0.2, 0.1]]), real=False)
+        >>> fig, ax = metric.plot()
+        """
+        return self._plot(val, ax)

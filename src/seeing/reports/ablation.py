@@ -8,7 +8,8 @@ summarises each like ``metric=reconstruction`` does, and writes one table: a row
 generated targets, segmentation mIoU and missing classes per image. Also
 ``ablation_missing.csv`` (each run's missing-class ranking), ``ablation_ordering.{csv,md}``
 (which of the paper's pairwise claims hold, by per-image pixel L1, with a paired bootstrap
-interval), ``ablation_equivalent_steps.{csv,md}`` (how many optimisation steps each optimising
+interval and the number of images; under ``metric.min_images`` (16) a claim gets "too few
+images" instead of a verdict), ``ablation_equivalent_steps.{csv,md}`` (how many optimisation steps each optimising
 variant needs to match each single-pass encoder, drawn in ``ablation_curves_<kind>.png``) and
 ``ablation_<kind>.png`` (targets next to every variant's reconstruction).
 """
@@ -26,7 +27,8 @@ from seeing.stages.reconstruct import RESULT_FILE, load_result
 from seeing.reporting import to_uint8
 from seeing.reporting import WandbReport, save_figure, write_csv, write_json, write_markdown_table
 
-from seeing.reports.reconstruction import _min_recall, fsd_comparison, summarize
+from seeing.reports.missing_objects import most_missing
+from seeing.reports.reconstruction import fsd_comparison, missing_settings, summarize
 from seeing.reports.run_lookup import choose_runs, find_runs, upstream_files
 
 log = logging.getLogger(__name__)
@@ -52,15 +54,22 @@ def matched_rows(ids_a: torch.Tensor, ids_b: torch.Tensor) -> tuple[list[int], l
     return [a for a, _ in pairs], [b for _, b in pairs]
 
 
+# fewer paired images than this and a claim gets no verdict: a bootstrap over a handful of images
+# gives an interval that is itself noise (4 images have 256 distinct resamples)
+MIN_IMAGES = 16
+
+
 def ordering_checks(errors: Mapping[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], measure: str = "pixel_l1",
-                    resamples: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+                    resamples: int = 2000, seed: int = 0, min_images: int = MIN_IMAGES) -> list[dict[str, Any]]:
     """Each pair of :data:`PAPER_ORDERING` whose runs both exist, per targets kind.
 
     ``errors[(kind, variant)] = (ids, per-image error)``. The pair is compared on the images
     both runs reconstructed (matched by id): the mean errors, the share of images on which
     the better variant is better, and a paired bootstrap 95 % interval of the mean
     difference (worse - better). ``holds``: the better variant has the lower mean error;
-    ``beyond_noise``: the whole interval is above zero.
+    ``beyond_noise``: the whole interval is above zero (None under ``min_images`` images);
+    ``verdict``: the claim in words: holds / holds, within noise / does not hold, or too few
+    images.
     """
     rng = np.random.default_rng(seed)
     checks = []
@@ -77,10 +86,14 @@ def ordering_checks(errors: Mapping[tuple[str, str], tuple[torch.Tensor, torch.T
             diff = pairs[:, 1] - pairs[:, 0]
             means = diff[rng.integers(0, len(diff), (resamples, len(diff)))].mean(1)
             low, high = np.percentile(means, [2.5, 97.5])
-            checks.append({"targets": kind, "claim": f"{better} < {worse}", "measure": measure,
-                           "images": len(diff), "better": float(pairs[:, 0].mean()), "worse": float(pairs[:, 1].mean()),
+            holds, enough = bool(diff.mean() > 0), len(diff) >= min_images
+            beyond = bool(low > 0) if enough else None
+            verdict = (("holds" if beyond else "holds, within noise") if holds else "does not hold") if enough \
+                else f"too few images ({len(diff)} < {min_images})"
+            checks.append({"targets": kind, "claim": f"{better} < {worse}", "images": len(diff), "verdict": verdict,
+                           "measure": measure, "better": float(pairs[:, 0].mean()), "worse": float(pairs[:, 1].mean()),
                            "better_wins": float((diff > 0).mean()), "diff_ci_low": float(low),
-                           "diff_ci_high": float(high), "holds": bool(diff.mean() > 0), "beyond_noise": bool(low > 0)})
+                           "diff_ci_high": float(high), "holds": holds, "beyond_noise": beyond})
     return checks
 
 
@@ -124,13 +137,14 @@ def curves_figure(kind: str, curves: Mapping[str, torch.Tensor], single: Mapping
                   labels: Mapping[str, str] = {}) -> Path:
     """Mean pixel L1 against optimisation step for each optimising variant, with each
     single-pass variant's error as a dashed level: where a curve crosses a level is
-    ``steps_to_match``."""
+    ``steps_to_match``. The legend sits beside the axes, never over the curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    fig, ax = plt.subplots(figsize=(8.0, 3.6))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, v in enumerate(sorted(curves)):
         ax.plot(curves[v].float().nanmean(0).numpy(), lw=1.6, color=colors[i % len(colors)],
@@ -139,10 +153,16 @@ def curves_figure(kind: str, curves: Mapping[str, torch.Tensor], single: Mapping
         ax.axhline(single[v], ls="--", lw=1.2, color="black" if v == "d" else "grey",
                    label=f"{v}: {labels.get(v, v)} (one pass)")
     ax.set_yscale("log")
+    # labelled ticks at 1, 2 and 5 of every decade: a log axis spanning less than a decade has some
+    ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_locator(ticker.LogLocator(base=10, subs=(3.0, 4.0, 6.0, 7.0, 8.0, 9.0)))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.grid(True, which="major", axis="y", lw=0.4, alpha=0.5)
     ax.set_xlabel("optimisation step")
-    ax.set_ylabel("mean pixel L1")
+    ax.set_ylabel("mean pixel L1 (log scale)")
     ax.set_title(f"ablation on {kind} targets: error against effort", fontsize=9)
-    ax.legend(fontsize=6.5)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -180,6 +200,11 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     from seeing.devices import resolve_device
 
     m = cfg.metric
+    spec = missing_settings(m)
+    min_images = m.get("min_images", MIN_IMAGES)
+    if isinstance(min_images, bool) or not isinstance(min_images, int) or min_images < 2:
+        raise ValueError(f"metric.min_images={min_images!r}: give the fewest paired images a claim needs for a "
+                         f"verdict (a whole number >= 2; default {MIN_IMAGES})")
     out_dir = Path(cfg.output_dir)
     runs_dir = Path(m.runs_dir)
     # one group of settings per kind (seeing.reports.run_lookup): rows that compare variants, not settings
@@ -196,8 +221,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     rows, missing_rows, by_kind, errors, curves, single, starts = [], [], {}, {}, {}, {}, {}
     for (kind, variant), path in sorted(found.items()):
         result = load_result(path)
-        s = summarize(result, segmenter, float(m.min_fraction), int(m.min_support), int(m.segment_batch_size),
-                      str(m.get("perceptual", "none")), m.get("vgg_path"), _min_recall(m))
+        s = summarize(result, segmenter, spec["min_region"], spec["min_support"], int(m.segment_batch_size),
+                      str(m.get("perceptual", "none")), m.get("vgg_path"), spec["min_covered"])
         met = s["metrics"]
         row = {"targets": kind, "variant": variant, "method": variant_text(result, "description"),
                "images": met["images"], "steps": met["steps"], "pixel_l1": met["pixel_l1_final"]}
@@ -207,7 +232,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             row[key] = met[key]
         row["miou"] = met["miou_final"]
         row["missing_per_image"] = met["missing_per_image"]
-        row["most_missing"] = " ".join(r["class"] for r in s["missing"][:3])
+        row["most_missing"] = " ".join(r["class"] for r in s["most_missing"][:3])
         # what made the row: the run's folder, its settings beyond the preset, the encoder files it started from
         row["settings"] = runs[(kind, variant)].label
         row["run"] = runs[(kind, variant)].folder.name
@@ -233,9 +258,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     write_csv(out_dir / "ablation_missing.csv", missing_rows)
     figures = {kind: comparison_figure(kind, res, out_dir / f"ablation_{kind}.png", int(m.max_rows))
                for kind, res in by_kind.items()}
-    f_missing = [r for r in missing_rows if r["variant"] == "f" and r["targets"] == "real"]
+    f_missing = most_missing([r for r in missing_rows if r["variant"] == "f" and r["targets"] == "real"])
     comparison = fsd_comparison(f_missing, m.get("fsd_report"), int(m.get("top_k", 5))) if f_missing else None
-    ordering = ordering_checks(errors)
+    ordering = ordering_checks(errors, min_images=min_images)
     write_csv(out_dir / "ablation_ordering.csv", ordering)
     if ordering:
         write_markdown_table(out_dir / "ablation_ordering.md", ordering)
@@ -268,10 +293,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         wandb.finish()
     print((out_dir / "ablation.md").read_text())
     for c in ordering:
-        verdict = ("holds" if c["beyond_noise"] else "holds, within noise") if c["holds"] else "DOES NOT HOLD"
         print(f"{c['targets']:>9}  {c['claim']}  {c['measure']} {c['better']:.4f} vs {c['worse']:.4f}, better on "
               f"{c['better_wins']:.0%} of {c['images']} images, difference 95% CI [{c['diff_ci_low']:.4f}, "
-              f"{c['diff_ci_high']:.4f}]: {verdict}")
+              f"{c['diff_ci_high']:.4f}]: {c['verdict'].upper() if c['verdict'] == 'does not hold' else c['verdict']}")
     for r in equivalents:
         reach = (f"after {r['steps_to_match']} steps" if r["steps_to_match"] is not None
                  else f"not within its {r['steps_run']} steps")

@@ -7,10 +7,14 @@ segments what is new; an interrupted tally resumes from its last saved progress
 (:mod:`seeing.reports.tallies`). Outputs in the run directory:
 
 - ``fsd.json``: FSD, its mean and covariance terms, the real-vs-real baseline, the
-  ranked most-dropped and most over-generated classes, the full per-class table;
-- ``fsd_per_class.csv``: mean area real vs generated and the relative delta per class;
+  most-dropped and most over-generated classes (only those whose change lies beyond its
+  bootstrap interval), the full per-class table;
+- ``fsd_per_class.csv``: per class, mean area real vs generated, the relative change
+  (gen - real) / real with its interval (``metric.interval``), and the same change between two
+  real samples (the noise floor);
 - ``fsd_histogram.png``: the paper's figure (top: mean area per class in the real set,
-  log scale, generated as a line; bottom: relative delta (gen - real) / real).
+  log scale, generated as a line; bottom: the relative change with its interval and the
+  real-vs-real interval behind it).
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ from lightning_fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 
 from seeing.data.sources import GeneratorSource, ImageSource
-from seeing.metrics.fsd import FrechetSegmentationDistance, per_class_table, rank_classes
+from seeing.metrics.fsd import FrechetSegmentationDistance
+from seeing.metrics.per_class import bootstrap_relative_change, per_class_table, rank_classes, relative_change
 from seeing.provenance import current
 from seeing.reporting import WandbReport, save_figure, write_csv, write_json
 
@@ -35,13 +40,18 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------ figure
 
 
-def histogram_figure(rows: Sequence[dict[str, Any]], max_classes: int = 40, title: str = ""):
-    """The paper's per-class histogram: classes in decreasing real area; top, mean area
-    (log scale) real as bars and generated as a line; bottom, relative delta."""
+def histogram_figure(rows: Sequence[dict[str, Any]], max_classes: int = 40, title: str = "",
+                     real_name: str = "real", fake_name: str = "fake", confidence: float | None = None):
+    """The paper's per-class histogram: classes in decreasing real area; top, mean area (log
+    scale) of the real images as bars and of the compared images as a line; bottom, the relative
+    change with its interval (error bars; a class whose interval holds 0 is drawn pale) and, where
+    the rows carry it, the real-vs-real interval as a grey box: the change sampling noise alone gives.
+    ``real_name`` / ``fake_name``: the sources as the run names them (``real=…``, ``fake=…``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     shown = sorted((r for r in rows if r["real_area"] > 0), key=lambda r: -r["real_area"])[:max_classes]
     names = [r["class"] for r in shown]
@@ -51,25 +61,54 @@ def histogram_figure(rows: Sequence[dict[str, Any]], max_classes: int = 40, titl
     delta = np.array([r["relative_delta"] for r in shown], dtype=float)
 
     fig, (top, bottom) = plt.subplots(
-        2, 1, figsize=(max(6.0, 0.28 * len(shown) + 2), 6.0), sharex=True, gridspec_kw={"height_ratios": [3, 2]}
+        2, 1, figsize=(max(6.5, 0.3 * len(shown) + 2.5) + 3.2, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 2.4]}
     )
-    top.bar(x, real, color="#4c72b0", label="real (training) images")
+    top.bar(x, real, color="#4c72b0", label=f"real={real_name}")
     floor = real.min() / 10 if len(real) else 1e-6
-    top.plot(x, np.maximum(gen, floor), color="#dd8452", marker="o", ms=3, lw=1.5, label="generated images")
+    top.plot(x, np.maximum(gen, floor), color="#dd8452", marker="o", ms=3, lw=1.5, label=f"fake={fake_name}")
     top.set_yscale("log")
     top.set_ylabel("mean fraction of pixels")
-    top.legend(loc="upper right", fontsize=8)
+    top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7.5, frameon=False)
     if title:
         top.set_title(title, fontsize=10)
-    colors = np.where(delta < 0, "#c44e52", "#55a868")
+
     hi = float(np.nanmax(delta)) if len(delta) else 1.0
     cap = min(max(1.0, hi * 1.1), 4.0)  # a class 30x over-generated should not flatten every other bar
-    bottom.bar(x, np.clip(delta, -1.0, cap), color=colors)
+    level = f"{confidence:.0%} " if confidence else ""
+    handles = []
+    if shown and "real_vs_real_ci_low" in shown[0]:
+        for i, r in enumerate(shown):
+            lo, up = r["real_vs_real_ci_low"], r["real_vs_real_ci_high"]
+            if lo is not None or up is not None:
+                lo, up = max(-1.0, lo if lo is not None else -1.0), min(cap, up if up is not None else cap)
+                bottom.add_patch(plt.Rectangle((i - 0.45, lo), 0.9, up - lo, color="#bbbbbb", alpha=0.6, lw=0,
+                                               zorder=1))
+        handles.append(Patch(color="#bbbbbb", alpha=0.6,
+                             label=f"real={real_name} vs a 2nd sample of it:\n{level}interval (noise floor)"))
+    beyond = np.array([r.get("beyond_noise", True) for r in shown], dtype=bool)
+    from matplotlib.colors import to_rgba
+
+    colors = [to_rgba("#c44e52" if d < 0 else "#55a868", 1.0 if b else 0.35) for d, b in zip(delta, beyond)]
+    clipped = np.clip(delta, -1.0, cap)
+    bottom.bar(x, clipped, color=colors, zorder=2)
+    handles += [Patch(color="#c44e52", label=f"fake={fake_name} draws less"),
+                Patch(color="#55a868", label=f"fake={fake_name} draws more")]
+    if shown and "ci_low" in shown[0]:
+        lows = np.array([r["ci_low"] if r["ci_low"] is not None else -1.0 for r in shown], dtype=float)
+        highs = np.array([r["ci_high"] if r["ci_high"] is not None else cap for r in shown], dtype=float)
+        lows, highs = np.clip(lows, -1.0, cap), np.clip(highs, -1.0, cap)
+        bottom.errorbar(x, clipped, yerr=[np.maximum(clipped - lows, 0), np.maximum(highs - clipped, 0)], fmt="none",
+                        ecolor="black", elinewidth=0.9, capsize=2, zorder=3)
+        handles.append(plt.Line2D([], [], color="black", lw=0.9,
+                                  label=f"{level}bootstrap interval over images\n(pale bar: the interval holds 0)"))
     bottom.axhline(0, color="black", lw=0.6)
     bottom.set_ylim(-1.05, cap)
-    bottom.set_ylabel("(gen - real) / real")
+    bottom.set_ylabel("relative change\n(fake - real) / real")
+    bottom.set_xlabel(f"class, by mean area in real={real_name}")
     bottom.set_xticks(x)
     bottom.set_xticklabels(names, rotation=90, fontsize=7)
+    # beside the axes, never over the bars
+    bottom.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -115,7 +154,35 @@ def accumulate(*targets: tuple[FrechetSegmentationDistance, bool]):
 
 
 def _scores(metric: FrechetSegmentationDistance) -> dict[str, float]:
-    return {k: float(v) for k, v in metric.compute().items()}
+    return {k: float(v) for k, v in metric.terms().items()}
+
+
+INTERVAL_KEYS = ("confidence", "resamples", "seed", "simultaneous")
+
+
+def interval_settings(m: DictConfig) -> dict[str, Any]:
+    """``metric.interval``: the per-class bootstrap's confidence, resamples, seed and whether the
+    band is simultaneous over the ranked classes, checked."""
+    spec = {"confidence": 0.95, "resamples": 1000, "seed": 0, "simultaneous": True,
+            **(OmegaConf.to_container(m.interval, resolve=True) if m.get("interval") is not None else {})}
+    unknown = sorted(set(spec) - set(INTERVAL_KEYS))
+    if unknown:
+        raise ValueError(f"metric.interval.{unknown[0]}: unknown key (the interval takes "
+                         f"{', '.join(INTERVAL_KEYS)})")
+    c, b = spec["confidence"], spec["resamples"]
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < 1:
+        raise ValueError(f"metric.interval.confidence={c!r}: give a level between 0 and 1, e.g. 0.95")
+    if isinstance(b, bool) or not isinstance(b, int) or b < 100:
+        raise ValueError(f"metric.interval.resamples={b!r}: give a whole number of bootstrap resamples >= 100")
+    if not isinstance(spec["simultaneous"], bool):
+        raise ValueError(f"metric.interval.simultaneous={spec['simultaneous']!r}: give true or false")
+    return {"confidence": float(c), "resamples": b, "seed": int(spec["seed"]), "simultaneous": spec["simultaneous"]}
+
+
+def class_intervals(real: np.ndarray, fake: np.ndarray, spec: dict[str, Any], family: np.ndarray):
+    """Each class's interval; ``family``: the classes the ranking may list (the simultaneous band's)."""
+    return bootstrap_relative_change(real, fake, spec["resamples"], spec["confidence"], spec["seed"],
+                                     spec["simultaneous"], family)
 
 
 # FSD's image size: the paper resizes (shorter side, bilinear) and centre-crops to 256 px; the
@@ -161,6 +228,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             raise ValueError(f"metric.{key}={value!r}: must be a whole number >= 1 (images per side / per batch)")
     if m.resolution != "auto":
         fsd_resolution(m.resolution, None, None)
+    interval = interval_settings(m)
     # one process, or several (metric.fabric.devices=2 ...): each tallies a share of the images,
     # the Metric syncs, process 0 writes the cache and the report
     fabric = Fabric(**{"devices": 1, **(OmegaConf.to_container(m.fabric, resolve=True) if "fabric" in m else {})})
@@ -220,9 +288,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             log.warning("no real-vs-real baseline: %s", e)
 
     real_mean, fake_mean = metric.class_means()
-    rows = per_class_table(real_mean, fake_mean, class_names)
-    ranks = rank_classes(rows, top=int(m.get("top_k", 10)), min_real_area=float(m.get("min_real_area", 0.0)),
-                         skip=list(m.get("rank_skip", [])))
+    min_real_area, skip = float(m.get("min_real_area", 0.0)), set(m.get("rank_skip", []))
+    family = (real_mean.numpy() > min_real_area) & np.array([c not in skip for c in class_names])
+    # every process holds every side's rows (gathered by the tally), so the intervals agree
+    noise_floor = None
+    if baseline is not None:
+        low, high = class_intervals(real_tally.tallies, other.tallies, interval, family)
+        noise_floor = {"delta": relative_change(real_tally.tallies.mean(0), other.tallies.mean(0)),
+                       "low": low, "high": high}
+    rows = per_class_table(real_mean, fake_mean, class_names,
+                           class_intervals(real_tally.tallies, fake_tally.tallies, interval, family), noise_floor)
+    ranks = rank_classes(rows, top=int(m.get("top_k", 10)), min_real_area=min_real_area, skip=sorted(skip))
 
     report = {
         "fsd": result["fsd"],
@@ -235,6 +311,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "n": int(m.n),
         "real": _side_report(real, real_tally),
         "fake": _side_report(fake, fake_tally),
+        # classes whose change lies beyond its interval, most changed first
+        "interval": {"method": ("simultaneous bootstrap band (max-t) over the ranked classes" if interval["simultaneous"]
+                                else "percentile bootstrap per class") + ", images of each side resampled",
+                     **interval},
         "most_dropped": ranks["most_dropped"],
         "most_overgenerated": ranks["most_overgenerated"],
         "per_class": rows,
@@ -246,7 +326,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     write_json(out_dir / "fsd.json", report)
     write_csv(out_dir / "fsd_per_class.csv", rows)
     title = f"{real.describe()} vs {fake.describe()}: FSD {result['fsd']:.2f}"
-    fig = histogram_figure(rows, int(m.get("histogram_classes", 40)), title)
+    fig = histogram_figure(rows, int(m.get("histogram_classes", 40)), title, real_name=real.name,
+                           fake_name=fake.name, confidence=interval["confidence"])
     save_figure(fig, out_dir / "fsd_histogram.png")
 
     _log_summary(report)
@@ -270,9 +351,16 @@ def _log_summary(report: dict[str, Any]) -> None:
         report["fsd"], report["mean_term"], report["cov_term"], report["real"]["images"], report["fake"]["images"],
         f"; real vs real {base['fsd']:.4f}" if base else "",
     )
+    spec = report["interval"]
+    level = f"{'simultaneous ' if spec['simultaneous'] else ''}{spec['confidence']:.0%}"
     for key, label in (("most_dropped", "most dropped"), ("most_overgenerated", "most over-generated")):
-        top = ", ".join(f"{r['class']} ({r['relative_delta']:+.0%})" for r in report[key][:5])
-        log.info("%s: %s", label, top or "none")
+        top = ", ".join(f"{r['class']} {r['relative_delta']:+.1%} [{_pct(r['ci_low'])}, {_pct(r['ci_high'])}]"
+                        for r in report[key][:5])
+        log.info("%s (%s interval beyond 0): %s", label, level, top or "none")
     for side in ("real", "fake"):
         if report[side]["skipped"]:
             log.warning("%s: %d unreadable images skipped", side, report[side]["skipped"])
+
+
+def _pct(value: float | None) -> str:
+    return "open" if value is None else f"{value:+.1%}"
