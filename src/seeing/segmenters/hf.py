@@ -79,6 +79,9 @@ def class_names_of(config: Any, folder: Path) -> list[str]:
 
 def from_pretrained(cls: Any, folder: Path, **kwargs: Any) -> Any:
     """``cls.from_pretrained`` reading only the folder, never running code from it."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # a bar per file read says nothing a user can act on
     return cls.from_pretrained(folder, local_files_only=True, trust_remote_code=False, **kwargs)
 
 
@@ -86,18 +89,19 @@ class Preprocessing:
     """A transformers image processor's resize, rescale and normalisation, applied in torch to
     N x 3 x H x W batches in [-1, 1] (the processor itself stays the authority on sizes)."""
 
-    def __init__(self, processor: Any, folder: Path):
+    def __init__(self, processor: Any, folder: Path | None = None):
         self.processor = processor
+        where = folder / "preprocessor_config.json" if folder is not None else "the image processor"
         # a centre crop or a fixed padded size would change which pixels the segment map lines up with
         if getattr(processor, "do_center_crop", None) or getattr(processor, "pad_size", None) is not None:
-            raise ValueError(f"{folder / 'preprocessor_config.json'}: do_center_crop / pad_size are not supported "
+            raise ValueError(f"{where}: do_center_crop / pad_size are not supported "
                              f"(the segment map must cover the input image); set do_center_crop to false and "
                              f"remove pad_size")
         self.resize = bool(processor.do_resize)
         self.rescale_factor = float(processor.rescale_factor) if processor.do_rescale else 1.0
         self.normalize = bool(processor.do_normalize)
-        self.mean = tuple(float(v) for v in _channels(processor.image_mean, folder, "image_mean"))
-        self.std = tuple(float(v) for v in _channels(processor.image_std, folder, "image_std"))
+        self.mean = tuple(float(v) for v in _channels(processor.image_mean, where, "image_mean"))
+        self.std = tuple(float(v) for v in _channels(processor.image_std, where, "image_std"))
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # the 8-bit image the processor reads
@@ -122,10 +126,10 @@ class Preprocessing:
                 "std": self.std if self.normalize else None}
 
 
-def _channels(values: Any, folder: Path, key: str) -> Sequence[float]:
+def _channels(values: Any, where: Any, key: str) -> Sequence[float]:
     values = [values] * 3 if isinstance(values, (int, float)) else list(values)
     if len(values) != 3:
-        raise ValueError(f"{folder / 'preprocessor_config.json'}: {key} must have 3 values (RGB), got {values}")
+        raise ValueError(f"{where}: {key} must have 3 values (RGB), got {values}")
     return values
 
 
