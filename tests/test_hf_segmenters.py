@@ -41,7 +41,7 @@ def segformer_folder(path: Path, labels: list[str], size: dict, init: float = 0.
         initializer_range=init)
     torch.manual_seed(seed)
     transformers.SegformerForSemanticSegmentation(config).save_pretrained(path)
-    transformers.SegformerImageProcessor(size=size, resample=resample).save_pretrained(path)
+    transformers.SegformerImageProcessorFast(size=size, resample=resample).save_pretrained(path)
     return path
 
 
@@ -59,7 +59,7 @@ def mask2former_folder(path: Path, labels: list[str], size: dict, seed: int = 0)
     with torch.no_grad():  # decisive class scores per query
         model.class_predictor.weight.mul_(20)
     model.save_pretrained(path)
-    transformers.Mask2FormerImageProcessor(size=size, size_divisor=32).save_pretrained(path)
+    transformers.Mask2FormerImageProcessorFast(size=size, size_divisor=32).save_pretrained(path)
     return path
 
 
@@ -92,7 +92,7 @@ def test_segformer_class_map_equals_transformers_pipeline(tmp_path, size, resamp
     folder = segformer_folder(tmp_path / "segformer", LABELS, size, resample=resample)
     images = scenes_uint8(6, 64)
     expected = transformers_pipeline(folder, transformers.SegformerForSemanticSegmentation,
-                                     transformers.SegformerImageProcessor, images)
+                                     transformers.SegformerImageProcessorFast, images)
     seg = load_segmenter("segformer", path=folder, device="cpu")
     got = seg.segment(images.float() / 127.5 - 1)
     assert expected.unique().numel() >= 3  # a map worth comparing, not one class everywhere
@@ -109,7 +109,7 @@ def test_mask2former_class_map_equals_transformers_pipeline(tmp_path, size):
     folder = mask2former_folder(tmp_path / "m2f", LABELS, size)
     images = scenes_uint8(4, 64)
     expected = transformers_pipeline(folder, transformers.Mask2FormerForUniversalSegmentation,
-                                     transformers.Mask2FormerImageProcessor, images)
+                                     transformers.Mask2FormerImageProcessorFast, images)
     seg = load_segmenter("mask2former", path=folder, device="cpu")
     got = seg.segment(images.float() / 127.5 - 1)
     assert expected.unique().numel() >= 2
@@ -178,3 +178,93 @@ def test_hydra_presets_build_the_loaders(compose, tmp_path):
     assert seg.segmenter_id == "segformer" and seg.class_names == LABELS
     with pytest.raises(Exception, match="missing required settings: segmenter.path"):
         evaluate(compose("evaluate", ["metric=fsd", "segmenter=mask2former", "logger=csv"]))
+
+
+# ----------------------------------------------------------------------------- FSD: label spaces
+
+
+def test_fsd_records_the_label_space_and_computes_on_shared_classes(compose, tmp_path):
+    """An ADE-150 SegFormer: metric.classes=shared gives the 149 classes UPP shares, from the same cached
+    (unprojected) tallies as metric.classes=all; the report names the segmenter, its weights and label space."""
+    from seeing.pipeline import evaluate
+    from seeing.segmenters.label_spaces import shared_classes
+
+    folder = segformer_folder(tmp_path / "ade", ade20k_150_names(), {"height": 32, "width": 32})
+    common = ["metric=fsd", "segmenter=segformer", f"segmenter.path={folder}", "real=scenes", "fake=scenes_drop",
+              "metric.n=6", "metric.batch_size=6", "metric.resolution=32", "metric.progress=false", "logger=csv",
+              "device=cpu"]
+    shared = evaluate(compose("evaluate", common + ["metric.classes=shared"]))
+    assert shared["classes"] == "shared" and shared["num_classes"] == 149
+    assert [r["class"] for r in shared["per_class"]] == list(shared_classes())
+    identity = shared["segmenter_identity"]
+    assert identity["id"] == "segformer" and identity["label_space"] == "ade20k-150"
+    assert identity["num_classes"] == 150 and len(identity["class_list_sha256"]) == 64
+    assert len(identity["weights_sha256"]) == 64
+    with np.load(shared["real"]["cache_file"]) as cached:
+        key = json.loads(str(cached["key"]))
+        assert cached["tallies"].shape == (6, 150)  # cached over the segmenter's own classes
+    assert key["segmenter"]["class_list_sha256"] == identity["class_list_sha256"]
+    assert key["segmenter"]["label_space"] == "ade20k-150"
+
+    full = evaluate(compose("evaluate", common + ["metric.classes=all"]))
+    assert (full["real"]["cache"], full["fake"]["cache"]) == ("hit", "hit") and full["num_classes"] == 150
+    by_name = {r["class"]: r for r in full["per_class"]}
+    for row in shared["per_class"]:  # ADE's own classes: shared is a selection, the areas are the same
+        assert row["real_area"] == pytest.approx(by_name[row["class"]]["real_area"])
+
+
+def test_tally_keys_differ_between_label_spaces(tmp_path):
+    from seeing.data.sources import ScenesSource
+    from seeing.reports.tallies import cache_key, segmenter_identity
+
+    a = load_segmenter("segformer", path=segformer_folder(tmp_path / "a", LABELS, {"height": 32, "width": 32}))
+    names = LABELS[::-1]  # same weights, another label list
+    b = load_segmenter("segformer", path=segformer_folder(tmp_path / "b", names, {"height": 32, "width": 32}))
+    ida, idb = segmenter_identity(a, a.class_names), segmenter_identity(b, b.class_names)
+    assert ida["weights_sha256"] == idb["weights_sha256"] and ida["class_list_sha256"] != idb["class_list_sha256"]
+    source = ScenesSource(seed=0)
+    assert cache_key(source, ida, 8, 32, 0) != cache_key(source, idb, 8, 32, 0)
+
+
+def test_shared_classes_refuse_other_label_spaces(compose):
+    from seeing.pipeline import evaluate
+
+    cfg = compose("evaluate", ["metric=fsd", "metric.classes=shared", "metric.n=4", "logger=csv", "device=cpu"])
+    with pytest.raises(ValueError, match="metric.classes=shared compares the UPP"):
+        evaluate(cfg)
+
+
+# ----------------------------------------------------------------------------- training a SegFormer
+
+
+def test_segformer_stage_trains_and_exports_a_folder_the_loader_reads(compose):
+    from seeing.data.scenes import CLASS_NAMES
+    from seeing.pipeline import train
+
+    cfg = compose("train", [
+        "stage=segformer", "logger=csv", "~callbacks.progress", "+trainer.fast_dev_run=2",
+        "data.train_length=16", "data.val_length=4", "data.test_length=4", "data.batch_size=4",
+        "stage.segformer.input_size=64", "stage.figure_images=2",
+    ])
+    assert Path(cfg.output_dir).name == "segformer"
+    metrics = train(cfg)
+    assert 0 <= metrics["val/miou"] <= 1
+    folder = Path(cfg.output_dir) / "scenes_segformer"
+    training = json.loads((folder / "training.json").read_text())
+    assert training["global_step"] == 2 and training["heldout"]["images"] == 4
+    seg = load_segmenter("segformer", path=folder, device="cpu")
+    assert seg.class_names == list(CLASS_NAMES) and seg.preprocessing.describe()["resize"] == {"height": 64, "width": 64}
+    images = torch.stack([ScenesDataset(4, resolution=64, seed=9)[i][0] for i in range(4)])
+    labels = seg.segment(images)
+    assert labels.shape == (4, 64, 64) and labels.max() < len(CLASS_NAMES)
+
+
+def test_segformer_stage_settings_fail_loudly():
+    from seeing.stages.segmenter import SegmenterTraining
+
+    with pytest.raises(ValueError, match="SegformerConfig has no hiden_sizes"):
+        SegmenterTraining(12, widths=None, architecture="segformer", segformer={"hiden_sizes": [8, 16, 24, 32]})
+    with pytest.raises(ValueError, match="no stage.widths"):
+        SegmenterTraining(12, widths=[8, 16], architecture="segformer", segformer={"input_size": 64})
+    with pytest.raises(ValueError, match="stage.architecture='vit'"):
+        SegmenterTraining(12, architecture="vit")

@@ -8,9 +8,10 @@ nothing is downloaded and no code from the folder runs.
 
 The preprocessing is the image processor's, applied in torch to the segmenter's [-1, 1] tensors
 (no PIL, no copy to numpy, on the segmenter's device): the tensor becomes the 8-bit image the
-processor would read from a file (``round((x + 1) * 127.5)``), the processor's own ``resize`` runs
-on it (same output size rule, interpolation and antialiasing, in 8 bits as it does for image
-files), then the rescale and the normalisation in float. Resizing in 8 bits is deliberate:
+processor would read from a file (``round((x + 1) * 127.5)``), it is resized as the processor
+resizes (its output size rule, computed by transformers' helper, and its interpolation, with
+torchvision and antialiasing, in 8 bits as the processor does for image files), then rescaled and
+normalised in float. Resizing in 8 bits is deliberate:
 torchvision's 8-bit kernels round differently from a float resize (up to one level on a quarter
 of the pixels, more where bicubic overshoots), and with them the class map is transformers' own
 on the same 8-bit images.
@@ -18,6 +19,7 @@ on the same 8-bit images.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -91,7 +93,7 @@ class Preprocessing:
 
     def __init__(self, processor: Any, folder: Path | None = None):
         self.processor = processor
-        where = folder / "preprocessor_config.json" if folder is not None else "the image processor"
+        self.where = where = folder / "preprocessor_config.json" if folder is not None else "the image processor"
         # a centre crop or a fixed padded size would change which pixels the segment map lines up with
         if getattr(processor, "do_center_crop", None) or getattr(processor, "pad_size", None) is not None:
             raise ValueError(f"{where}: do_center_crop / pad_size are not supported "
@@ -114,10 +116,34 @@ class Preprocessing:
             x = (x - mean) / std
         return x
 
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """The processor's resize rule: a fixed ``height`` x ``width``, or the shorter side to
+        ``shortest_edge`` (the longer one at most ``longest_edge``), rounded up to ``size_divisor``
+        (Mask2Former's) — computed with transformers' own helper."""
+        from transformers.image_transforms import get_size_with_aspect_ratio
+
+        size = dict(self.processor.size)
+        if size.get("height") and size.get("width"):
+            out = (int(size["height"]), int(size["width"]))
+        elif size.get("shortest_edge"):
+            out = get_size_with_aspect_ratio((height, width), int(size["shortest_edge"]), size.get("longest_edge"))
+        else:
+            raise ValueError(f"{self.where}: size {size} is not supported (give height and width, or shortest_edge)")
+        divisor = int(getattr(self.processor, "size_divisor", None) or 0)
+        if divisor > 0:
+            out = tuple(int(math.ceil(v / divisor) * divisor) for v in out)
+        return int(out[0]), int(out[1])
+
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.processor
-        kwargs = {"size_divisor": p.size_divisor} if getattr(p, "size_divisor", None) else {}
-        return p.resize(x, size=p.size, resample=p.resample, **kwargs)
+        from torchvision.transforms.v2 import functional as tvF
+        from transformers.image_utils import pil_torch_interpolation_mapping
+
+        size = self.output_size(*x.shape[-2:])
+        if size == tuple(x.shape[-2:]):
+            return x
+        # the processor's interpolation (its PIL resample code), antialiased, as transformers' torchvision backend
+        return tvF.resize(x, list(size), interpolation=pil_torch_interpolation_mapping[self.processor.resample],
+                          antialias=True)
 
     def describe(self) -> dict[str, Any]:
         size = {k: v for k, v in dict(self.processor.size).items() if v is not None} if self.resize else None

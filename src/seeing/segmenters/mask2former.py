@@ -44,6 +44,6 @@ def load_mask2former_segmenter(path: str | Path | None, device: str | torch.devi
     folder = pretrained_folder(path, "mask2former", "mask2former", EXAMPLE)
     model = from_pretrained(transformers.Mask2FormerForUniversalSegmentation, folder, weights_only=True)
     # the class, not AutoImageProcessor: the public ADE folders name MaskFormer's feature extractor
-    processor = from_pretrained(transformers.Mask2FormerImageProcessor, folder)
+    processor = from_pretrained(transformers.Mask2FormerImageProcessorFast, folder)
     names = class_names_of(model.config, folder)
     return Mask2FormerSegmenter(model.eval(), Preprocessing(processor, folder), names, folder).to(resolve_device(device))

@@ -45,7 +45,7 @@ def load_segformer_segmenter(path: str | Path | None, device: str | torch.device
     transformers = import_transformers("segformer")
     folder = pretrained_folder(path, "segformer", "segformer", EXAMPLE)
     model = from_pretrained(transformers.SegformerForSemanticSegmentation, folder, weights_only=True)
-    processor = from_pretrained(transformers.SegformerImageProcessor, folder)
+    processor = from_pretrained(transformers.SegformerImageProcessorFast, folder)
     names = class_names_of(model.config, folder)
     return SegformerSegmenter(model.eval(), Preprocessing(processor, folder), names, folder).to(resolve_device(device))
 
@@ -94,5 +94,5 @@ def build_segformer_net(num_classes: int, input_size: int = 128, **config: Any) 
     if not (isinstance(input_size, int) and input_size >= 32):
         raise ValueError(f"stage.segformer.input_size={input_size!r}: give the model's input size in pixels (>= 32)")
     model = transformers.SegformerForSemanticSegmentation(seg_config)
-    processor = transformers.SegformerImageProcessor(size={"height": input_size, "width": input_size})
+    processor = transformers.SegformerImageProcessorFast(size={"height": input_size, "width": input_size})
     return SegformerNet(model, processor)
