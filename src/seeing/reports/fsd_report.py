@@ -34,6 +34,7 @@ from seeing.provenance import current
 from seeing.reporting import WandbReport, save_figure, write_csv, write_json
 
 from seeing.reports.tallies import Tally, cached_tally, segmenter_identity
+from seeing.segmenters.label_spaces import class_selection
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +256,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     resolution = fsd_resolution(m.resolution, real, fake)
     log.info("FSD at %d px, %d images a side", resolution, int(m.n))
     seg_id = segmenter_identity(segmenter, class_names)
+    # metric.classes=shared: FSD over the classes UPP and ADE-150 share (tallies are cached unprojected)
+    selection = class_selection(m.get("classes", "all"), class_names)
     common = dict(
         segmenter=segmenter,
         segmenter_id=seg_id,
@@ -268,12 +271,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         checkpoint_every=int(m.get("checkpoint_every", 500)),
     )
     # the Metrics accumulate batch by batch as the tallies are made (or read from the cache)
-    metric = FrechetSegmentationDistance(num_classes)
-    noise = FrechetSegmentationDistance(num_classes)  # real vs a second real sample
+    metric = FrechetSegmentationDistance(len(selection.names))
+    noise = FrechetSegmentationDistance(len(selection.names))  # real vs a second real sample
     real_tally = cached_tally(real, description=f"real: {real.describe()}",
-                              on_rows=accumulate((metric, True), (noise, True)), **common)
-    fake_tally = cached_tally(fake, description=f"fake: {fake.describe()}", on_rows=accumulate((metric, False)),
-                              **common)
+                              on_rows=selection.feeding(accumulate((metric, True), (noise, True))), **common)
+    fake_tally = cached_tally(fake, description=f"fake: {fake.describe()}",
+                              on_rows=selection.feeding(accumulate((metric, False))), **common)
     result = _scores(metric)
     baseline = None
     if m.get("real_baseline", True):
@@ -281,7 +284,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # sampling noise alone produces, the floor a generator's FSD should be read against
         try:
             other = cached_tally(real, extra_offset=int(m.n), description=f"real (2nd sample): {real.describe()}",
-                                 on_rows=accumulate((noise, False)), **common)
+                                 on_rows=selection.feeding(accumulate((noise, False))), **common)
             baseline = _scores(noise)
             baseline["images"] = int(len(other.tallies))
         except ValueError as e:  # the source holds no second sample (EmptySourceError), or a single image
@@ -289,15 +292,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     real_mean, fake_mean = metric.class_means()
     min_real_area, skip = float(m.get("min_real_area", 0.0)), set(m.get("rank_skip", []))
-    family = (real_mean.numpy() > min_real_area) & np.array([c not in skip for c in class_names])
-    # every process holds every side's rows (gathered by the tally), so the intervals agree
+    family = (real_mean.numpy() > min_real_area) & np.array([c not in skip for c in selection.names])
+    # every process holds every side's rows (gathered by the tally), so the intervals agree;
+    # the rows are over the segmenter's classes, the intervals over the selected ones
+    real_rows, fake_rows = selection(real_tally.tallies), selection(fake_tally.tallies)
     noise_floor = None
     if baseline is not None:
-        low, high = class_intervals(real_tally.tallies, other.tallies, interval, family)
-        noise_floor = {"delta": relative_change(real_tally.tallies.mean(0), other.tallies.mean(0)),
-                       "low": low, "high": high}
-    rows = per_class_table(real_mean, fake_mean, class_names,
-                           class_intervals(real_tally.tallies, fake_tally.tallies, interval, family), noise_floor)
+        other_rows = selection(other.tallies)
+        low, high = class_intervals(real_rows, other_rows, interval, family)
+        noise_floor = {"delta": relative_change(real_rows.mean(0), other_rows.mean(0)), "low": low, "high": high}
+    rows = per_class_table(real_mean, fake_mean, selection.names,
+                           class_intervals(real_rows, fake_rows, interval, family), noise_floor)
     ranks = rank_classes(rows, top=int(m.get("top_k", 10)), min_real_area=min_real_area, skip=sorted(skip))
 
     report = {
@@ -305,8 +310,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "mean_term": result["mean_term"],
         "cov_term": result["cov_term"],
         "fsd_real_vs_real": baseline,
-        "num_classes": num_classes,
+        "num_classes": len(selection.names),
+        "classes": selection.setting,
         "segmenter": "oracle (ground-truth labels)" if oracle else _segmenter_label(cfg, segmenter),
+        "segmenter_identity": {k: v for k, v in seg_id.items() if k != "classes"},
         "resolution": resolution,
         "n": int(m.n),
         "real": _side_report(real, real_tally),
@@ -333,6 +340,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     _log_summary(report)
     wandb = WandbReport(cfg, job_type="fsd")
     try:
+        if wandb.run is not None:
+            wandb.run.config.update({"segmenter_identity": report["segmenter_identity"], "classes": selection.setting})
         metrics = {f"fsd/{k}": v for k, v in result.items()}
         if baseline:
             metrics["fsd/real_vs_real"] = baseline["fsd"]

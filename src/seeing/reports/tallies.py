@@ -5,6 +5,9 @@ are computed from. Tallies are cached on disk keyed by source, segmenter (its we
 fingerprint), N, resolution and offset, written atomically; an unfinished tally keeps its
 progress in a ``.partial.npz`` next to the cache file and resumes from it.
 
+The segmenter part of the key (:func:`segmenter_identity`) names its kind, a digest of its weights
+and its label space (class list, its sha256 and count).
+
 A cache file stores the key it was written for (the JSON text whose digest names it) and
 its row counts; a file whose key or counts do not match (copied from elsewhere, damaged,
 from an older version) is a logged cache miss, tallied again and overwritten, never used.
@@ -169,12 +172,17 @@ def tally_source(
 
 
 def segmenter_identity(segmenter: torch.nn.Module | None, class_names: Sequence[str]) -> dict[str, Any]:
-    """Part of the tally cache key: the segmenter's class, classes and a fingerprint of its
-    weights (``path: null`` means the shipped file, which a newer package may replace)."""
+    """Part of the tally cache key, and of every FSD report: which segmenter (its kind, class and a
+    fingerprint of its weights: ``path: null`` means the shipped file, which a newer package may
+    replace) and which label space (its classes, their list's sha256 and count), so tallies of
+    different weights or label spaces are never mixed."""
+    from seeing.segmenters.label_spaces import label_space
+
+    space = label_space(class_names).as_dict()
     if segmenter is None:
-        return {"oracle": True, "classes": list(class_names)}
-    return {"type": type(segmenter).__qualname__, "classes": list(class_names),
-            "weights_sha256": fingerprint(segmenter)}
+        return {"oracle": True, "id": "oracle", "classes": list(class_names), **space}
+    return {"id": getattr(segmenter, "segmenter_id", type(segmenter).__name__), "type": type(segmenter).__qualname__,
+            "classes": list(class_names), "weights_sha256": fingerprint(segmenter), **space}
 
 
 def cache_key(source: ImageSource, segmenter_id: dict, n: int, resolution: int, extra_offset: int) -> str:

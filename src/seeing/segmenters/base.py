@@ -28,7 +28,11 @@ class Segmenter(nn.Module):
 
     Attributes:
         class_names: the name of every output class, in output order.
+        segmenter_id: which loader's kind of segmenter it is (the ``load_segmenter`` name); results
+            record it with a digest of the weights and the label space.
     """
+
+    segmenter_id = "custom"
 
     def __init__(self, class_names: Iterable[str]):
         super().__init__()

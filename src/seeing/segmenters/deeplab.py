@@ -33,6 +33,8 @@ def hub_cache_path() -> Path:
 class DeepLabSegmenter(Segmenter):
     """DeepLabV3 on ImageNet-normalised RGB; torchvision already upsamples its output to the input size."""
 
+    segmenter_id = "deeplab"
+
     def __init__(self, net: nn.Module, class_names=VOC_CLASSES):
         super().__init__(class_names)
         self.net = net

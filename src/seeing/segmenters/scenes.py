@@ -71,6 +71,8 @@ class SceneSegmenterNet(nn.Module):
 class ScenesSegmenter(Segmenter):
     """A trained :class:`SceneSegmenterNet` behind the :class:`Segmenter` interface."""
 
+    segmenter_id = "scenes"
+
     def __init__(self, net: SceneSegmenterNet, class_names: Sequence[str], meta: dict[str, Any] | None = None):
         super().__init__(class_names)
         if net.num_classes != self.num_classes:

@@ -120,6 +120,8 @@ class UnifiedParsingSegmenter(Segmenter):
     (BGR, 0..255, mean subtracted) and its multi-size voting: the image is resized to each of
     ``sizes`` (square), and the softmax probabilities at the input resolution are summed."""
 
+    segmenter_id = "upp"
+
     def __init__(self, encoder: DeepStemResNet50, decoder: UPerNetObjectDecoder, class_names: Sequence[str],
                  sizes: Sequence[int] = (256,)):
         super().__init__(class_names)

@@ -1,6 +1,13 @@
-"""``stage=segmenter``: train the scenes segmenter and export its compact weights file.
+"""``stage=segmenter``: train the scenes segmenter and export it.
 
-    python train.py stage=segmenter data=scenes
+    python train.py stage=segmenter data=scenes    # the U-Net: scenes_segmenter.pt
+    python train.py stage=segformer                # a small SegFormer: scenes_segformer/
+
+``architecture=unet`` trains :class:`SceneSegmenterNet` (the shipped scenes segmenter);
+``architecture=segformer`` a randomly initialised SegFormer built from a transformers config
+(``stage.segformer``: ``SegformerConfig`` keys plus ``input_size``), through the same torch
+preprocessing the loaded segmenter applies, exported as a ``save_pretrained`` folder that
+``segmenter=segformer segmenter.path=...`` reads.
 
 Validation logs mean IoU and per-class IoU (torchmetrics ``MulticlassJaccardIndex``).
 After fitting, :meth:`SegmenterTraining.export` measures the held-out (test split)
@@ -26,6 +33,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from seeing.reporting import save_figure, torch_save_atomic, write_csv, write_json
 from seeing.segmenters.scenes import ASSET_NAME, SceneSegmenterNet, make_weights_file
+
+ARCHITECTURES = ("unet", "segformer")
+SEGFORMER_FOLDER = "scenes_segformer"
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +75,55 @@ def augment(images: torch.Tensor, labels: torch.Tensor, strength: float = 1.0,
     return (x.clamp(0, 1) * 2 - 1), labels
 
 
-class SegmenterTraining(pl.LightningModule):
-    """Cross-entropy training of :class:`SceneSegmenterNet` with AdamW and a cosine schedule."""
+def _plain(value: Any) -> Any:
+    """Hydra's containers as plain dicts and lists (what torch.load(weights_only=True) reads back)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
 
-    def __init__(self, num_classes: int, widths: Sequence[int] = (16, 32, 64, 96), lr: float = 2e-3,
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class SegmenterTraining(pl.LightningModule):
+    """Cross-entropy training of a scenes segmenter (:class:`SceneSegmenterNet`, or a SegFormer) with
+    AdamW and a cosine schedule."""
+
+    def __init__(self, num_classes: int, widths: Sequence[int] | None = (16, 32, 64, 96), lr: float = 2e-3,
                  weight_decay: float = 1e-4, warmup_steps: int = 100, augment_strength: float = 1.0,
                  class_names: Sequence[str] | None = None, figure_images: int = 8,
-                 name: str = "segmenter"):
+                 name: str = "segmenter", architecture: str = "unet", segformer: dict[str, Any] | None = None):
         super().__init__()
         self.stage_name = name
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"stage.architecture={architecture!r}: choose one of {list(ARCHITECTURES)}")
+        # each architecture reads its own sizes; the other's, when set, would silently do nothing
+        if architecture == "unet" and (widths is None or segformer is not None):
+            raise ValueError("stage.architecture=unet takes stage.widths and no stage.segformer (that is "
+                             "stage=segformer's)")
+        if architecture == "segformer" and (widths is not None or not segformer):
+            raise ValueError("stage.architecture=segformer takes stage.segformer (SegformerConfig keys, input_size) "
+                             "and no stage.widths (the U-Net's): use stage=segformer")
         # plain Python values only (Hydra hands over ListConfigs): checkpoints must stay loadable
         # with torch.load(weights_only=True), which is how Lightning resumes (ckpt_path=last)
         self.save_hyperparameters({
-            "num_classes": int(num_classes), "widths": [int(w) for w in widths], "lr": float(lr),
+            "num_classes": int(num_classes), "architecture": architecture,
+            "widths": None if widths is None else [int(w) for w in widths],
+            "segformer": None if segformer is None else _plain(segformer), "lr": float(lr),
             "weight_decay": float(weight_decay), "warmup_steps": int(warmup_steps),
             "augment_strength": float(augment_strength),
             "class_names": None if class_names is None else [str(n) for n in class_names],
             "figure_images": int(figure_images),
         })
-        self.net = SceneSegmenterNet(num_classes, widths)
+        if architecture == "unet":
+            self.net = SceneSegmenterNet(num_classes, widths)
+        else:
+            from seeing.segmenters.segformer import build_segformer_net
+
+            self.net = build_segformer_net(num_classes, **self.hparams.segformer)
         self.val_iou = MulticlassJaccardIndex(num_classes, average="none")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self._fit_started: float | None = None
@@ -181,7 +221,8 @@ class SegmenterTraining(pl.LightningModule):
                 "per_class_iou": {name: float(v) for name, v in zip(self.class_names(), per_class)}}
 
     def export(self, output_dir: str | Path) -> Path:
-        """Write ``scenes_segmenter.pt`` (weights + provenance) and the held-out report."""
+        """Write ``scenes_segmenter.pt`` (the U-Net: weights + provenance) or the ``scenes_segformer/``
+        folder (the SegFormer, with the provenance in ``training.json``) and the held-out report."""
         output_dir = Path(output_dir)
         meta: dict[str, Any] = {
             "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
@@ -211,6 +252,10 @@ class SegmenterTraining(pl.LightningModule):
                                step=self.global_step)
             log.info("held-out mIoU %.4f, pixel accuracy %.4f on %d images",
                      metrics["miou"], metrics["pixel_acc"], metrics["images"])
+        if self.hparams.architecture == "segformer":
+            folder = self.net.save_pretrained(output_dir / SEGFORMER_FOLDER, self.class_names())
+            write_json(folder / "training.json", meta)
+            return folder
         path = output_dir / ASSET_NAME
         torch_save_atomic(make_weights_file(self.net, self.class_names(), **meta), path)
         return path
