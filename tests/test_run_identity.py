@@ -93,3 +93,18 @@ def test_samples_then_folder_fsd_counts_exactly_the_samples(tiny_gan_files, segm
                                            f"segmenter.path={segmenter}", "metric.n=5", "metric.resolution=16",
                                            "metric.real_baseline=false", "logger=csv"]))
     assert report["fake"]["images"] == 5 and report["fake"]["skipped"] == 0
+
+
+def test_an_optuna_search_gives_each_trial_its_folder_and_prints_the_best(tiny_gan_files, tmp_path):
+    gen, _ = tiny_gan_files
+    runs = tmp_path / "runs"
+    done = run_entry("train", ["-m", "hparams_search=reconstruct_optuna", "hydra.sweeper.n_trials=2",
+                               "stage.steps=choice(1,2)", "variant=a", "stage.targets.count=2", "stage.batch_size=2",
+                               f"model.checkpoint={gen}", f"paths.run_root={runs}", "logger=csv", *QUIET], tmp_path)
+    trials = [json.loads(line) for line in next((runs / "multirun").rglob("trials.jsonl")).read_text().splitlines()]
+    assert len(trials) == 2 and len({t["folder"] for t in trials}) == 2  # every trial its own identity
+    for t in trials:
+        record = json.loads((Path(t["folder"]) / "identity.json").read_text())
+        assert record["status"] == "complete" and record["metrics"]["final/pixel_l1"] == pytest.approx(t["objective"])
+    best = min(trials, key=lambda t: t["objective"])
+    assert f"[search] its folder: {best['folder']}" in done.stdout

@@ -43,7 +43,7 @@ IDENTITY_FORMAT = "seeing.identity/1"
 # the recipe (its values reach a run only through the stage/metric keys that read them).
 IGNORED = (
     "hydra", "paths", "output_dir", "output_naming", "ckpt_path", "force", "optimized_metric", "job_type",
-    "logger", "callbacks", "device", "recipe",
+    "logger", "callbacks", "device", "recipe", "hparams_search",
     "trainer.devices", "trainer.num_nodes", "trainer.accelerator", "trainer.strategy",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.enable_checkpointing",
     "trainer.log_every_n_steps", "trainer.default_root_dir",
@@ -162,6 +162,8 @@ def split_overrides(overrides: Sequence[str], naming: Sequence[str]) -> tuple[li
 
 def _short_value(value: str) -> str:
     value = value.strip("'\"")
+    if re.fullmatch(r"-?\d*\.\d+(e-?\d+)?|-?\d+e-?\d+", value):  # a float: 4 significant digits (the digest tells apart)
+        value = f"{float(value):.4g}"
     if "/" in value:  # a path: its file or folder name (the whole path is in identity.json)
         value = Path(value.rstrip("/")).stem or value
     return re.sub(r"[^A-Za-z0-9._-]+", "_", value).strip("_") or "_"

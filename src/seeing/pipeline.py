@@ -197,6 +197,7 @@ def train(cfg: DictConfig) -> Any:
     trainer.strategy.barrier("export")  # the other processes end only once the file is there
     print(f"[{cfg.stage.name}] outputs in {cfg.output_dir}")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    metrics.update(getattr(module, "final_metrics", None) or {})
     finish_run(outputs, metrics)
     for lg in loggers:
         if hasattr(lg, "experiment") and hasattr(lg.experiment, "finish"):

@@ -396,8 +396,6 @@ class Reconstructor(pl.LightningModule):
         """Every variant logs where it ended, also the single-pass ones (b, d) that take no step:
         the mean pixel L1 of the initial and final images, so a grid compares all six."""
         self.gather_shards()
-        if not self.loggers:
-            return
         s_initial, s_final = [], []
         for c, (s, e) in enumerate(self.chunks):
             target = self.targets[s:e]
@@ -406,6 +404,7 @@ class Reconstructor(pl.LightningModule):
         metrics = {"final/pixel_l1_initial": float(torch.cat(s_initial).mean()),
                    "final/pixel_l1": float(torch.cat(s_final).mean()),
                    "final/diverged": float(self.diverged.sum())}
+        self.final_metrics = metrics  # also what train.py returns to a sweeper (optimized_metric)
         for lg in self.loggers:
             lg.log_metrics(metrics, step=int(self.global_step))
 
