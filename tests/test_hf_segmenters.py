@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")  # the dev extra installs it 
 from seeing.data.scenes import ScenesDataset  # noqa: E402
 from seeing.segmenters import load_segmenter  # noqa: E402
 from seeing.segmenters.label_spaces import ade20k_150_names, label_space  # noqa: E402
+from seeing.segmenters.hf import torch_image_processor  # noqa: E402
 
 transformers.utils.logging.disable_progress_bar()
 
@@ -41,7 +42,7 @@ def segformer_folder(path: Path, labels: list[str], size: dict, init: float = 0.
         initializer_range=init)
     torch.manual_seed(seed)
     transformers.SegformerForSemanticSegmentation(config).save_pretrained(path)
-    transformers.SegformerImageProcessorFast(size=size, resample=resample).save_pretrained(path)
+    torch_image_processor(transformers, "SegformerImageProcessor")(size=size, resample=resample).save_pretrained(path)
     return path
 
 
@@ -59,7 +60,7 @@ def mask2former_folder(path: Path, labels: list[str], size: dict, seed: int = 0)
     with torch.no_grad():  # decisive class scores per query
         model.class_predictor.weight.mul_(20)
     model.save_pretrained(path)
-    transformers.Mask2FormerImageProcessorFast(size=size, size_divisor=32).save_pretrained(path)
+    torch_image_processor(transformers, "Mask2FormerImageProcessor")(size=size, size_divisor=32).save_pretrained(path)
     return path
 
 
@@ -92,7 +93,7 @@ def test_segformer_class_map_equals_transformers_pipeline(tmp_path, size, resamp
     folder = segformer_folder(tmp_path / "segformer", LABELS, size, resample=resample)
     images = scenes_uint8(6, 64)
     expected = transformers_pipeline(folder, transformers.SegformerForSemanticSegmentation,
-                                     transformers.SegformerImageProcessorFast, images)
+                                     torch_image_processor(transformers, "SegformerImageProcessor"), images)
     seg = load_segmenter("segformer", path=folder, device="cpu")
     got = seg.segment(images.float() / 127.5 - 1)
     assert expected.unique().numel() >= 3  # a map worth comparing, not one class everywhere
@@ -109,7 +110,7 @@ def test_mask2former_class_map_equals_transformers_pipeline(tmp_path, size):
     folder = mask2former_folder(tmp_path / "m2f", LABELS, size)
     images = scenes_uint8(4, 64)
     expected = transformers_pipeline(folder, transformers.Mask2FormerForUniversalSegmentation,
-                                     transformers.Mask2FormerImageProcessorFast, images)
+                                     torch_image_processor(transformers, "Mask2FormerImageProcessor"), images)
     seg = load_segmenter("mask2former", path=folder, device="cpu")
     got = seg.segment(images.float() / 127.5 - 1)
     assert expected.unique().numel() >= 2

@@ -41,6 +41,15 @@ def import_transformers(kind: str):
     return transformers
 
 
+def torch_image_processor(transformers: Any, name: str) -> Any:
+    """The torch (torchvision-backed) image processor class ``name``: transformers 5.0 calls it
+    ``<name>Fast`` (``<name>`` is the PIL one there); later releases dropped the suffix and warn on it."""
+    cls = getattr(transformers, name)
+    if any(base.__name__ == "TorchvisionBackend" for base in cls.__mro__):
+        return cls
+    return getattr(transformers, name + "Fast")
+
+
 def pretrained_folder(path: str | Path | None, kind: str, model_type: str, example: str) -> Path:
     """``path`` as a folder holding a complete ``save_pretrained`` of a ``model_type`` model, or an error
     naming what is missing and how to get such a folder on a connected machine."""

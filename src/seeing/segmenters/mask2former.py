@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from seeing.devices import resolve_device
 
-from .hf import HFSegmenter, Preprocessing, class_names_of, from_pretrained, import_transformers, pretrained_folder
+from .hf import (HFSegmenter, Preprocessing, class_names_of, from_pretrained, import_transformers, pretrained_folder,
+                 torch_image_processor)
 
 EXAMPLE = "facebook/mask2former-swin-tiny-ade-semantic"
 # post_process_semantic_segmentation's mask size before the final resize ("(384, 384) for all models")
@@ -44,6 +45,6 @@ def load_mask2former_segmenter(path: str | Path | None, device: str | torch.devi
     folder = pretrained_folder(path, "mask2former", "mask2former", EXAMPLE)
     model = from_pretrained(transformers.Mask2FormerForUniversalSegmentation, folder, weights_only=True)
     # the class, not AutoImageProcessor: the public ADE folders name MaskFormer's feature extractor
-    processor = from_pretrained(transformers.Mask2FormerImageProcessorFast, folder)
+    processor = from_pretrained(torch_image_processor(transformers, "Mask2FormerImageProcessor"), folder)
     names = class_names_of(model.config, folder)
     return Mask2FormerSegmenter(model.eval(), Preprocessing(processor, folder), names, folder).to(resolve_device(device))

@@ -20,7 +20,8 @@ from torch import nn
 
 from seeing.devices import resolve_device
 
-from .hf import HFSegmenter, Preprocessing, class_names_of, from_pretrained, import_transformers, pretrained_folder
+from .hf import (HFSegmenter, Preprocessing, class_names_of, from_pretrained, import_transformers, pretrained_folder,
+                 torch_image_processor)
 
 EXAMPLE = "nvidia/segformer-b0-finetuned-ade-512-512"
 
@@ -45,7 +46,7 @@ def load_segformer_segmenter(path: str | Path | None, device: str | torch.device
     transformers = import_transformers("segformer")
     folder = pretrained_folder(path, "segformer", "segformer", EXAMPLE)
     model = from_pretrained(transformers.SegformerForSemanticSegmentation, folder, weights_only=True)
-    processor = from_pretrained(transformers.SegformerImageProcessorFast, folder)
+    processor = from_pretrained(torch_image_processor(transformers, "SegformerImageProcessor"), folder)
     names = class_names_of(model.config, folder)
     return SegformerSegmenter(model.eval(), Preprocessing(processor, folder), names, folder).to(resolve_device(device))
 
@@ -94,5 +95,5 @@ def build_segformer_net(num_classes: int, input_size: int = 128, **config: Any) 
     if not (isinstance(input_size, int) and input_size >= 32):
         raise ValueError(f"stage.segformer.input_size={input_size!r}: give the model's input size in pixels (>= 32)")
     model = transformers.SegformerForSemanticSegmentation(seg_config)
-    processor = transformers.SegformerImageProcessorFast(size={"height": input_size, "width": input_size})
+    processor = torch_image_processor(transformers, "SegformerImageProcessor")(size={"height": input_size, "width": input_size})
     return SegformerNet(model, processor)
