@@ -35,7 +35,8 @@ def segformer(variant: str, size: int = RES):
     from seeing.segmenters.segformer import SegformerSegmenter
 
     config = transformers.SegformerConfig(num_labels=150, num_attention_heads=[1, 2, 5, 8], **SEGFORMER[variant])
-    processor = torch_image_processor(transformers, "SegformerImageProcessor")(size={"height": size, "width": size})
+    processor_class = torch_image_processor(transformers, "SegformerImageProcessor")
+    processor = processor_class(size={"height": size, "width": size})
     return SegformerSegmenter(transformers.SegformerForSemanticSegmentation(config), Preprocessing(processor),
                               ADE_CLASSES)
 
@@ -49,7 +50,8 @@ def mask2former_swin_tiny():
     swin_t = transformers.SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
                                      out_features=["stage1", "stage2", "stage3", "stage4"])
     config = transformers.Mask2FormerConfig(backbone_config=swin_t, num_labels=150)
-    processor = torch_image_processor(transformers, "Mask2FormerImageProcessor")(size={"shortest_edge": RES, "longest_edge": 4 * RES})
+    processor_class = torch_image_processor(transformers, "Mask2FormerImageProcessor")
+    processor = processor_class(size={"shortest_edge": RES, "longest_edge": 4 * RES})
     return Mask2FormerSegmenter(transformers.Mask2FormerForUniversalSegmentation(config), Preprocessing(processor),
                                 ADE_CLASSES)
 
