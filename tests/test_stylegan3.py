@@ -159,6 +159,7 @@ def test_model_config_builds_the_golden_generator(compose):
     cfg = compose("train", ["stage=layer1", "model=stylegan3", f"model.checkpoint={R32}", "model.truncation_psi=0.7",
                             f"model.class_index={int(ref['class_index'])}"])
     assert cfg.model.id == "stylegan3-sg3_r_cond_32" and list(cfg.model.inversion_layers) == ["input", "L0", "L1"]
+    assert cfg.recipe.name == "paper" and cfg.stage.architecture == "ganseeing"  # a public model's recipe
     with torch.no_grad():
         assert max_diff(instantiate(cfg.model.generator)(ref["z"]), ref["img_psi0p7"]) < TOL
     cfg = compose("train", ["stage=layer1", "model=stylegan3", f"model.checkpoint={R32}"])
