@@ -4,6 +4,7 @@ from .loading import LAYOUTS, MODELS, detect_layout, load_generator, save_genera
 from .progan import ProGANGenerator
 from .stylegan import StyleGANGenerator
 from .stylegan2 import StyleGAN2Generator
+from .stylegan3 import StyleGAN3Generator
 from .stylegan_common import StyledState
 from .wgangp import WGANGPGenerator
 
@@ -13,6 +14,7 @@ __all__ = [
     "LayeredGenerator",
     "ProGANGenerator",
     "StyleGAN2Generator",
+    "StyleGAN3Generator",
     "StyleGANGenerator",
     "StyledState",
     "WGANGPGenerator",

@@ -15,6 +15,8 @@ Known layouts (model config name in brackets):
 * ``ganseeing_wgangp`` [wgangp]: the ProGAN paper's WGAN-GP ablation (``wgangp-*.pth``).
 * ``genforce_stylegan`` [stylegan], ``genforce_stylegan2`` [stylegan2]: genforce model zoo
   StyleGAN / StyleGAN2; for these "z" of inversion is w+ (see :mod:`.stylegan_common`).
+* ``nvlabs_stylegan3`` [stylegan3]: NVlabs/stylegan3 snapshot pickles (configs T and R), read
+  as data (:mod:`.nvlabs_pickle`) and built by :func:`.stylegan3.from_record`.
 """
 from __future__ import annotations
 
@@ -28,9 +30,10 @@ import torch
 
 from seeing.reporting import load_torch_file
 
-from . import genforce_pggan, stylegan, stylegan2, wgangp
+from . import genforce_pggan, stylegan, stylegan2, stylegan3, wgangp
 from .layered import LayeredGenerator
 from .materialize import as_float32
+from .nvlabs_pickle import looks_like_nvlabs_pickle, read_snapshot_generator
 from .progan import LAYOUT as PROGAN_LAYOUT, ProGANGenerator
 
 # wrapper keys of checkpoint dicts, most preferred first (genforce keeps the EMA weights in
@@ -173,6 +176,9 @@ def load_generator(source: str | os.PathLike | Mapping[str, Any], layout: str = 
         options: layout-specific options, e.g. ``truncation_psi`` / ``truncation_layers`` for
             StyleGAN and StyleGAN2.
     """
+    generator = _load_stylegan3(source, layout, options)
+    if generator is not None:
+        return generator.eval().requires_grad_(requires_grad)
     allowed = _allowed_layouts(layout)
     state_dict, stored_layout, meta = read_checkpoint(source, layout)
     name = stored_layout if stored_layout is not None else detect_layout(state_dict)
@@ -188,6 +194,51 @@ def load_generator(source: str | os.PathLike | Mapping[str, Any], layout: str = 
     generator = spec.build(as_float32(state_dict), **options)
     generator.eval().requires_grad_(requires_grad)
     generator.checkpoint_meta = meta
+    return generator
+
+
+# ---------------------------------------------------------------- NVlabs StyleGAN3 snapshots
+STYLEGAN3_PUBLIC_FILES = ("stylegan3-t-ffhqu-256x256.pkl", "stylegan3-r-afhqv2-512x512.pkl",
+                          "network-snapshot-<kimg>.pkl of a stylegan3 training run")
+
+
+def _load_stylegan3(source: Any, layout: str, options: Mapping[str, Any]) -> LayeredGenerator | None:
+    """The generator of an NVlabs StyleGAN3 snapshot, or None when ``source`` is no such file and
+    ``layout`` does not ask for one (the state-dict layouts above then read it)."""
+    asked = layout in ("stylegan3", stylegan3.LAYOUT)
+    path = Path(source).expanduser() if isinstance(source, (str, os.PathLike)) else None
+    if path is None or not path.is_file() or not looks_like_nvlabs_pickle(path):
+        if not asked:
+            return None
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"generator checkpoint not found: {path}. Expected a local NVlabs StyleGAN3 "
+                                    f"snapshot such as {', '.join(STYLEGAN3_PUBLIC_FILES)}. Weights are never "
+                                    "downloaded; put the file there or point model.checkpoint at it.")
+        raise ValueError(f"{path or 'the checkpoint given'} is not an NVlabs StyleGAN3 snapshot pickle: model=stylegan3 "
+                         f"reads the .pkl files NVlabs/stylegan3 writes ({', '.join(STYLEGAN3_PUBLIC_FILES)}); its "
+                         "layer constants are not in a bare state dict")
+    record = read_snapshot_generator(path)
+    if stylegan3.SIGNATURE not in record.state_dict():
+        if asked:
+            raise ValueError(f"{path} holds an NVlabs {record.class_name} of another architecture (no "
+                             f"{stylegan3.SIGNATURE}), not a StyleGAN3: choose its own model= config")
+        raise ValueError(f"{path} is an NVlabs snapshot whose generator is not a StyleGAN3 (no {stylegan3.SIGNATURE}); "
+                         "seeing reads StyleGAN3 snapshots from NVlabs pickles")
+    if layout not in ("auto", "stylegan3", stylegan3.LAYOUT):
+        raise ValueError(f"{path} holds a StyleGAN3 (layout {stylegan3.LAYOUT}, model=stylegan3) but layout={layout!r} "
+                         "was asked for")
+    unknown = sorted(set(options) - set(stylegan3.OPTIONS))
+    if unknown:
+        raise TypeError(f"layout {stylegan3.LAYOUT} takes no option(s) {unknown}; it accepts {list(stylegan3.OPTIONS)}")
+    from seeing.provenance import record_input
+
+    record_input(path, "generator checkpoint")
+    try:
+        generator = stylegan3.from_record(record, **options)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+    generator.checkpoint_meta = {"layout": stylegan3.LAYOUT, "class_name": record.class_name,
+                                 "init_kwargs": _plain(record.init_kwargs, "init_kwargs")}
     return generator
 
 
