@@ -223,3 +223,14 @@ def test_every_stage_runs_on_the_stylegan3_fixture(compose, tmp_path):
     evaluate(cfg)
     report = json.loads((Path(cfg.output_dir) / "fsd.json").read_text())
     assert report["n"] == 4 and math.isfinite(report["fsd"])
+
+
+def test_the_first_inverter_of_a_full_width_stylegan3_pools_its_map_before_the_latent_conv():
+    from seeing.models.inverters import InverterSpec, LayerInverter
+
+    # a published StyleGAN3's first inversion layer: 512 x 36 x 36 back to w+ (16 x 512)
+    spec = InverterSpec(layer="input", target="mapping", in_shape=(512, 36, 36), out_shape=(16, 512),
+                        hidden_channels=32)
+    inverter = LayerInverter(spec)
+    assert inverter.net.to_latent.weight.shape == (16 * 512, 32, 4, 4)
+    assert inverter(torch.randn(2, 512, 36, 36)).shape == (2, 16, 512)

@@ -3,9 +3,9 @@
 The architecture follows the paper: pixel norm, two 3x3 conv + BatchNorm + leaky
 ReLU blocks, then one 1x1 conv back to the previous layer's channels, strided where
 the generator layer upsampled. The inverter of the first layer ends instead with a
-conv covering the whole map (4x4 -> 1x1) and returns the latent: a pixel-normalised
-z (a Gaussian z in D dimensions has norm close to sqrt(D), so only its direction is
-unknown), or, for a style-based model, the w+ rows (not normalised: w lives in the
+conv covering the whole map (4x4 -> 1x1; larger maps are averaged to 4x4 first) and
+returns the latent: a pixel-normalised z (a Gaussian z in D dimensions has norm close
+to sqrt(D), so only its direction is unknown), or, for a style-based model, the w+ rows (not normalised: w lives in the
 mapping network's output space).
 
 Two architectures share this module (``InverterSpec.architecture``):
@@ -54,6 +54,8 @@ class PixelNorm(nn.Module):
 
 
 ARCHITECTURES = ("seeing", "ganseeing")
+# the largest map the latent inverter's last conv spans (ProGAN's and StyleGAN2's first layer)
+LATENT_MAP = 4
 
 
 def conv_bn_lrelu(cin: int, cout: int, kernel: int | tuple[int, int] = 3, padding: int = 1,
@@ -149,8 +151,13 @@ def _seeing_layers(spec: InverterSpec) -> list[tuple[str, nn.Module]]:
     body += list(zip(("conv1", "bn1", "relu1"), conv_bn_lrelu(cin, hidden)))
     body += list(zip(("conv2", "bn2", "relu2"), conv_bn_lrelu(hidden, hidden)))
     if len(spec.out_shape) != 3:
-        # the map collapses to the latent: one conv spanning the whole map
-        body.append(("to_latent", nn.Conv2d(hidden, math.prod(spec.out_shape), (hin, win))))
+        # the map collapses to the latent: one conv spanning the whole map. Maps larger than
+        # 4 x 4 (StyleGAN3's 36 x 36 input) are averaged down to 4 x 4 first: a conv spanning
+        # 36 x 36 x 512 into w+ (16 x 512) would hold 5.4G weights
+        pooled = (min(hin, LATENT_MAP), min(win, LATENT_MAP))
+        if pooled != (hin, win):
+            body.append(("pool", nn.AdaptiveAvgPool2d(pooled)))
+        body.append(("to_latent", nn.Conv2d(hidden, math.prod(spec.out_shape), pooled)))
     elif spec.final_conv:
         body.append(("to_previous", nn.Conv2d(hidden, spec.out_shape[0], 1, stride=hin // spec.out_shape[1])))
     return body
