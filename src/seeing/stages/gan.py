@@ -28,6 +28,7 @@ import pytorch_lightning as pl
 import torch
 import torchvision
 
+from seeing.frozen import freeze
 from seeing.gans.critic import ProGANCritic, gradient_penalty
 from seeing.gans.layered import LayeredGenerator
 from seeing.gans.loading import save_generator
@@ -97,7 +98,7 @@ class WGANGP(pl.LightningModule):
                 f"critic widths {widths} give {self.critic.resolution}px but the generator makes "
                 f"{generator.resolution}px images"
             )
-        self.generator_ema = copy.deepcopy(generator).requires_grad_(False).eval()
+        self.generator_ema = freeze(copy.deepcopy(generator))  # moved by the EMA update only
         # Counters live in buffers so checkpoints carry them and resumed runs continue them.
         for name in ("critic_steps", "generator_steps", "skipped_steps", "nonfinite_streak"):
             self.register_buffer(name, torch.zeros((), dtype=torch.long))

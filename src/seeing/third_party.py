@@ -1,0 +1,34 @@
+"""Third-party messages a user of this project cannot act on, each dropped by its exact text.
+
+Called by both entry points (``seeing.pipeline``) before any work. Everything else a library
+prints or warns stays visible; the causes this project can fix are fixed where they arise
+(frozen networks in ``seeing.frozen``, the logging interval in ``seeing.stages.trainer``, W&B's
+settings in ``seeing.loggers.WandbLogger``).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+# pytorch-lightning 2.6.6, the newest release (also of the `lightning` package), still builds
+# torch's LeafSpec() in lightning/pytorch/utilities/_pytree.py, which torch >= 2.10 deprecates
+# with a FutureWarning on every fit (Lightning-AI/pytorch-lightning#21326); the fix is Lightning's
+# to make, and its behaviour is unchanged until torch removes LeafSpec.
+PYTREE_MESSAGE = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+PYTREE_MODULE = r"(pytorch_lightning|lightning\.pytorch)\.utilities\._pytree"
+# Lightning >= 2.6 logs an advertisement for its hosted logger at every Trainer built without one
+LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
+LIGHTNING_INFO_LOGGER = "pytorch_lightning.utilities.rank_zero"
+
+
+class _DropLitLoggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(LITLOGGER_TIP)
+
+
+def quiet_third_party() -> None:
+    """Drop the messages above (idempotent)."""
+    warnings.filterwarnings("ignore", message=PYTREE_MESSAGE, category=FutureWarning, module=PYTREE_MODULE)
+    info = logging.getLogger(LIGHTNING_INFO_LOGGER)
+    if not any(isinstance(f, _DropLitLoggerTip) for f in info.filters):
+        info.addFilter(_DropLitLoggerTip())
