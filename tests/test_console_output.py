@@ -165,8 +165,11 @@ def test_the_logging_interval_fits_a_short_run(compose):
     cfg = compose("train", ["stage=reconstruct", "logger=csv"])  # the preset logs every 50 steps
     assert build_trainer(cfg, [], False, Planned()).log_every_n_steps == 6
     assert build_trainer(cfg, [], False).log_every_n_steps == 50  # no module: as configured
+    layer = object()  # a stage that plans no steps of its own: trainer.max_steps is its budget
     long = compose("train", ["stage=layer1", "trainer.max_steps=100", "trainer.log_every_n_steps=10"])
-    assert build_trainer(long, [], False, Planned()).log_every_n_steps == 10  # layer stages plan nothing
+    assert build_trainer(long, [], False, layer).log_every_n_steps == 10
+    short = compose("train", ["stage=layer1", "trainer.max_steps=4", "trainer.log_every_n_steps=10"])
+    assert build_trainer(short, [], False, layer).log_every_n_steps == 4
 
 
 # ------------------------------------------------------------------------------ the entry points
@@ -194,7 +197,8 @@ def test_training_in_a_log_prints_plain_progress_lines_and_resumes_counting_from
 
 def test_training_in_a_terminal_leaves_one_final_bar_line(tiny_gan_files, tmp_path):
     gen, _ = tiny_gan_files
-    shown = screen(run_in_terminal("train", [*tiny_layer1(gen, tmp_path / "runs"), "trainer.val_check_interval=10"],
+    shown = screen(run_in_terminal("train", [*tiny_layer1(gen, tmp_path / "runs"), "trainer.val_check_interval=10",
+                                            "logger=csv"],
                                    tmp_path))
     assert_nothing_to_ignore(shown)
     bars = [line for line in shown if "step:" in line]

@@ -61,8 +61,8 @@ class Bar(Tqdm):
         self.every_percent, self.every_seconds = float(every_percent), float(every_seconds)
         kwargs.setdefault("bar_format", BAR_FORMAT)
         kwargs.setdefault("dynamic_ncols", True)
-        if self.plain:  # tqdm's redraws go nowhere; display() writes the lines
-            kwargs["file"], kwargs["dynamic_ncols"] = _Nowhere(), False
+        if self.plain:  # tqdm's redraws go nowhere; display(), asked at every update, writes the lines
+            kwargs.update(file=_Nowhere(), dynamic_ncols=False, mininterval=0, miniters=1)
         else:
             kwargs.setdefault("file", self.stream)
         initial = kwargs.get("initial", 0) or 0
