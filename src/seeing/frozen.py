@@ -40,7 +40,6 @@ def freeze(module: nn.Module) -> nn.Module:
     mode, as a new module starts, since its mode no longer matters): every BatchNorm2d becomes a
     :class:`FrozenBatchNorm` with the same state, every dropout the identity. A layer that cannot
     be made mode-independent (another norm that tracks statistics) is an error naming it."""
-    module.requires_grad_(False)
     for name, child in list(module.named_modules()):
         for key, sub in list(child.named_children()):
             if isinstance(sub, FrozenBatchNorm):
@@ -53,4 +52,4 @@ def freeze(module: nn.Module) -> nn.Module:
                 raise TypeError(f"cannot freeze {type(module).__name__}: its layer "
                                 f"{'.'.join(p for p in (name, key) if p)} ({type(sub).__name__}) behaves differently "
                                 f"in train mode")
-    return module.train()
+    return module.requires_grad_(False).train()
