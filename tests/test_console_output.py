@@ -214,6 +214,7 @@ def test_training_in_a_terminal_leaves_one_final_bar_line(tiny_gan_files, tmp_pa
 def test_the_gan_stage_counts_to_its_step_budget(tmp_path):
     out = run_logged("train", ["stage=gan", "model.z_dim=8", "model.widths=[8,8]", "data.resolution=8",
                                "data.batch_size=4", "data.train_length=64", "trainer.max_steps=4", "stage.sample_every=0",
+                               "callbacks.checkpoint.every_n_train_steps=2",
                                "logger=csv", f"paths.run_root={tmp_path / 'runs'}"], tmp_path)
     lines = out.splitlines()
     assert_nothing_to_ignore(lines)

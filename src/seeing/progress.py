@@ -68,7 +68,7 @@ class Bar(Tqdm):
         initial = kwargs.get("initial", 0) or 0
         self._line_n, self._line_t, self._next_mark = initial, time.time(), None
         super().__init__(*args, **kwargs)
-        self._line_t = self.start_t
+        self._line_t = getattr(self, "start_t", self._line_t)  # a disabled bar has no clock
 
     # ------------------------------------------------------------ plain lines
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:

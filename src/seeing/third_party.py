@@ -16,6 +16,12 @@ import warnings
 # to make, and its behaviour is unchanged until torch removes LeafSpec.
 PYTREE_MESSAGE = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 PYTREE_MODULE = r"(pytorch_lightning|lightning\.pytorch)\.utilities\._pytree"
+# pytorch-lightning 2.6.6's ModelCheckpoint warns at every periodic save of a manually optimised module
+# (the GAN, the reconstruction) unless the module keeps a copy of its weights from before the step
+# for it (Lightning-AI/pytorch-lightning#21239). These saves are for resuming, which needs the state
+# after the step, with the optimizers and the step count it belongs to: there is nothing to change.
+CHECKPOINT_MESSAGE = "Using ModelCheckpoint with manual optimization and every_n_train_steps, but no pre-optimization"
+CHECKPOINT_MODULE = r"(pytorch_lightning|lightning\.pytorch)\.callbacks\.model_checkpoint"
 # Lightning >= 2.6 logs an advertisement for its hosted logger at every Trainer built without one
 LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
 LIGHTNING_INFO_LOGGER = "pytorch_lightning.utilities.rank_zero"
@@ -29,6 +35,7 @@ class _DropLitLoggerTip(logging.Filter):
 def quiet_third_party() -> None:
     """Drop the messages above (idempotent)."""
     warnings.filterwarnings("ignore", message=PYTREE_MESSAGE, category=FutureWarning, module=PYTREE_MODULE)
+    warnings.filterwarnings("ignore", message=CHECKPOINT_MESSAGE, category=UserWarning, module=CHECKPOINT_MODULE)
     info = logging.getLogger(LIGHTNING_INFO_LOGGER)
     if not any(isinstance(f, _DropLitLoggerTip) for f in info.filters):
         info.addFilter(_DropLitLoggerTip())

@@ -183,7 +183,7 @@ class WGANGP(pl.LightningModule):
         self.skipped_steps += 1
         self.nonfinite_streak += 1
         log.warning("non-finite GAN loss %s at critic step %d: step skipped (%d skipped so far)",
-                    float(loss), int(self.critic_steps), int(self.skipped_steps))
+                    float(loss.detach()), int(self.critic_steps), int(self.skipped_steps))
         self.log("skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
         if int(self.nonfinite_streak) >= self.hparams.max_nonfinite_steps:
             raise NonFiniteLossError(

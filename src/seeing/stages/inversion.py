@@ -181,7 +181,7 @@ class InversionStage(pl.LightningModule):
         loss = terms["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{self.stage_name}: non-finite loss {loss.item()} at step {self.global_step} "
-                                     f"({ {k: float(v) for k, v in terms.items()} })")
+                                     f"({ {k: float(v.detach()) for k, v in terms.items()} })")
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, prog_bar=False)
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
         return loss
