@@ -83,6 +83,10 @@ class Bar(Tqdm):
             self._write_line()  # the final line, unless the last one already showed this count
         super().close()
 
+    def reset(self, total: float | None = None) -> None:
+        super().reset(total)
+        self._line_n, self._next_mark = self.n, None  # counted afresh (Lightning reuses validation bars)
+
     def _line_due(self) -> bool:
         if self.n == self._line_n:
             return False
