@@ -22,6 +22,11 @@ PYTREE_MODULE = r"(pytorch_lightning|lightning\.pytorch)\.utilities\._pytree"
 # after the step, with the optimizers and the step count it belongs to: there is nothing to change.
 CHECKPOINT_MESSAGE = "Using ModelCheckpoint with manual optimization and every_n_train_steps, but no pre-optimization"
 CHECKPOINT_MODULE = r"(pytorch_lightning|lightning\.pytorch)\.callbacks\.model_checkpoint"
+# The reconstruct stage's variants without corrections (d: one pass of the hybrid encoder) have nothing
+# to optimise, and still run through Lightning's fit, so they are placed on devices, split between
+# processes and exported as every other variant is; Lightning says so at every such fit.
+NO_OPTIMIZER_MESSAGE = r"`LightningModule.configure_optimizers` returned `None`, this fit will run with no optimizer"
+NO_OPTIMIZER_MODULE = r"(pytorch_lightning|lightning\.pytorch)\.core\.optimizer"
 # Lightning >= 2.6 logs an advertisement for its hosted logger at every Trainer built without one
 LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
 LIGHTNING_INFO_LOGGER = "pytorch_lightning.utilities.rank_zero"
@@ -36,6 +41,7 @@ def quiet_third_party() -> None:
     """Drop the messages above (idempotent)."""
     warnings.filterwarnings("ignore", message=PYTREE_MESSAGE, category=FutureWarning, module=PYTREE_MODULE)
     warnings.filterwarnings("ignore", message=CHECKPOINT_MESSAGE, category=UserWarning, module=CHECKPOINT_MODULE)
+    warnings.filterwarnings("ignore", message=NO_OPTIMIZER_MESSAGE, category=UserWarning, module=NO_OPTIMIZER_MODULE)
     info = logging.getLogger(LIGHTNING_INFO_LOGGER)
     if not any(isinstance(f, _DropLitLoggerTip) for f in info.filters):
         info.addFilter(_DropLitLoggerTip())

@@ -24,6 +24,6 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any] | bo
     extra = {}
     every = cfg.trainer.get("log_every_n_steps")
     budget = planned_steps(cfg.trainer.get("max_steps"), module) if module is not None else None
-    if every is not None and budget is not None and 0 < budget < int(every):
-        extra["log_every_n_steps"] = budget
+    if every is not None and budget is not None and budget < int(every):
+        extra["log_every_n_steps"] = max(1, budget)  # a run of no steps still runs one batch
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **extra)
