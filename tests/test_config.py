@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from seeing.config import check_config, unset_keys
-from seeing.stages.progress import StepProgressBar, step_budget
+from seeing.progress import StepProgressBar, step_budget
 from seeing.stages.trainer import build_trainer
 
 from conftest import REPO, run_entry, run_folder

@@ -146,3 +146,15 @@ def test_gradients_reach_the_latent_and_every_intermediate_value(generator):
         middle = leaf
     generator.run(middle, start=generator.layer_names[1]).square().mean().backward()
     assert float(leaf.grad.abs().max()) > 0
+
+
+def test_every_generator_computes_the_same_in_train_and_eval_mode(generator):
+    """What lets a stage freeze a generator without eval mode (seeing.frozen): its mode changes nothing."""
+    from seeing.frozen import freeze
+
+    z = generator.sample_z(3, seed=1)
+    with torch.no_grad():
+        evaluated = generator.eval()(z)
+        frozen = freeze(generator)
+        assert all(m.training for m in frozen.modules()) and not any(p.requires_grad for p in frozen.parameters())
+        torch.testing.assert_close(frozen(z), evaluated, atol=0, rtol=0)

@@ -23,6 +23,7 @@ from seeing.config import check_config, instantiate, resolved, run_identity
 from seeing.identity import RunIdentity, changed_settings, current_identity
 from seeing.provenance import changed_inputs, completed_record, current, finish_run, reset_inputs, start_run
 from seeing.stages.trainer import build_trainer
+from seeing.third_party import quiet_third_party
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     for node in (cfg.get("logger") or {}).values():
         if node is None or "_target_" not in node:
             continue
-        wandb = hydra.utils.get_class(node._target_) is WandbLogger
+        wandb = issubclass(hydra.utils.get_class(node._target_), WandbLogger)
         loggers.append(hydra.utils.instantiate(node, **(run_identity(cfg) if wandb else {})))
     config = resolved(cfg)
     for lg in loggers:
@@ -172,6 +173,7 @@ def objective(cfg: DictConfig, metrics: dict[str, float]) -> Any:
 
 
 def train(cfg: DictConfig) -> Any:
+    quiet_third_party()
     check_config(cfg, [k for k in cfg.keys() if k != "model"])
     set_threads()
     identity, done = begin(cfg, str(cfg.stage.name))
@@ -185,7 +187,7 @@ def train(cfg: DictConfig) -> Any:
     claim(cfg, identity)
     callbacks = instantiate_group(cfg.get("callbacks")) + ([IdentityStamp(identity)] if identity else [])
     loggers = build_loggers(cfg)
-    trainer = build_trainer(cfg, callbacks, loggers or False)
+    trainer = build_trainer(cfg, callbacks, loggers or False, module)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     outputs = []
     if hasattr(module, "export") and trainer.is_global_zero:  # written once, by process 0
@@ -207,6 +209,7 @@ def train(cfg: DictConfig) -> Any:
 
 def evaluate(cfg: DictConfig) -> Any:
     """Each ``metric`` config names a ``run`` function taking the whole config."""
+    quiet_third_party()
     check_config(cfg, [k for k in cfg.keys() if k != "model"])
     set_threads()
     identity, done = begin(cfg, str(cfg.metric.name))

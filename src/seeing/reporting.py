@@ -163,7 +163,7 @@ def _jsonable(v: Any) -> Any:
 
 
 class WandbReport:
-    """A W&B run for an evaluation job (training jobs use Lightning's WandbLogger).
+    """A W&B run for an evaluation job (training jobs use seeing.loggers.WandbLogger, Lightning's).
 
     Opened only when the composed ``logger`` group has a ``wandb`` entry; offline by
     default. All methods are no-ops when W&B is off, so callers never branch.

@@ -9,9 +9,10 @@ from torch.utils.data import DataLoader
 from .scenes import NUM_CLASSES, ScenesDataset
 
 
-class ScenesDataModule(pl.LightningDataModule):
-    """Train, validation and test scenes come from one world seed but disjoint index ranges,
-    so held-out numbers are measured on scenes the model never saw."""
+class ScenesTrainingData(pl.LightningDataModule):
+    """The training scenes alone, for a stage that does not validate (the GAN): Lightning warns
+    about a validation loader that nothing reads. :class:`ScenesDataModule` adds the held-out
+    splits; the training scenes are the same."""
 
     def __init__(self, resolution: int = 64, batch_size: int = 32, train_length: int = 20000,
                  val_length: int = 512, test_length: int = 512, seed: int = 0, drop: Sequence[str] = (),
@@ -30,6 +31,11 @@ class ScenesDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True)
+
+
+class ScenesDataModule(ScenesTrainingData):
+    """Train, validation and test scenes come from one world seed but disjoint index ranges,
+    so held-out numbers are measured on scenes the model never saw."""
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, False)

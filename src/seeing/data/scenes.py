@@ -351,16 +351,18 @@ def colorize_labels(labels: np.ndarray | torch.Tensor) -> np.ndarray:
 
 def export_image_folder(dataset: ScenesDataset, path: str | Path, with_labels: bool = True) -> Path:
     """Write ``images/NNNNNN.png`` (and ``labels/NNNNNN.png``, class index as the grey value)."""
-    from rich.progress import track
+    from seeing.progress import progress
 
     root = Path(path)
     (root / "images").mkdir(parents=True, exist_ok=True)
     if with_labels:
         (root / "labels").mkdir(parents=True, exist_ok=True)
-    for i in track(range(len(dataset)), description=f"exporting scenes to {root}"):
-        img, labels = render_scene(dataset.seed, dataset.offset + i, dataset.resolution, dataset.drop,
-                                   dataset.drop_fraction)
-        Image.fromarray(img).save(root / "images" / f"{i:06d}.png")
-        if with_labels:
-            Image.fromarray(labels.astype(np.uint8), mode="L").save(root / "labels" / f"{i:06d}.png")
+    with progress(len(dataset), f"exporting scenes to {root}") as bar:
+        for i in range(len(dataset)):
+            img, labels = render_scene(dataset.seed, dataset.offset + i, dataset.resolution, dataset.drop,
+                                       dataset.drop_fraction)
+            Image.fromarray(img).save(root / "images" / f"{i:06d}.png")
+            if with_labels:
+                Image.fromarray(labels.astype(np.uint8), mode="L").save(root / "labels" / f"{i:06d}.png")
+            bar.update()
     return root

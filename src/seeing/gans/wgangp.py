@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seeing.frozen import FrozenBatchNorm
+
 from .layered import LayeredGenerator
 from .materialize import build_and_load
 
@@ -29,14 +31,6 @@ LAYOUT = "ganseeing_wgangp"
 KEY_PATTERN = re.compile(
     r"features\.\d+\.(conv\.weight|norm\.(weight|bias|running_mean|running_var|num_batches_tracked))"
     r"|output\.conv\.(weight|bias)")
-
-
-class FrozenBatchNorm(nn.BatchNorm2d):
-    """BatchNorm that normalises with its running statistics in train and eval mode alike."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            training=False, eps=self.eps)
 
 
 class ConvBNReLU(nn.Module):

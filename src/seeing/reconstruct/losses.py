@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seeing.frozen import freeze
+
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG-16 weights
 RELU4_2 = 21  # features[:21] ends with the ReLU after conv4_2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -64,7 +66,7 @@ def load_vgg16_trunk(path: Path) -> nn.Sequential:
         trunk.load_state_dict({k: feats[k] for k in wanted}, strict=True)
     except RuntimeError as e:
         raise ValueError(f"{path} does not fit torchvision's VGG-16: {e}") from e
-    return trunk.eval().requires_grad_(False)
+    return freeze(trunk)
 
 
 class VGGPerceptual(nn.Module):
@@ -86,9 +88,6 @@ class VGGPerceptual(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.source = str(path)
-
-    def train(self, mode: bool = True) -> "VGGPerceptual":
-        return super().train(False)  # a fixed measuring instrument
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images if self.input == "raw" else ((images + 1) / 2 - self.mean) / self.std
@@ -114,7 +113,7 @@ class ReconstructionLoss(nn.Module):
             (the [-1, 1] image, as the paper's reference code feeds it).
         encoder_weight: weight of ``mean((E(x) - E(y))^2)``, ``E`` the hybrid encoder's latent
             estimate (0: off; the paper's variant e uses 0.25).
-        encoder: that encoder (a frozen module in eval mode; needed when ``encoder_weight > 0``).
+        encoder: that encoder (frozen here, :func:`seeing.frozen.freeze`; needed when ``encoder_weight > 0``).
     """
 
     # target features kept for reuse (per kind): a few target batches, e.g. a run's chunks
@@ -139,11 +138,8 @@ class ReconstructionLoss(nn.Module):
             raise ValueError(f"encoder_weight must be >= 0, got {encoder_weight}")
         if self.encoder_weight > 0 and encoder is None:
             raise ValueError("encoder_weight > 0 needs the encoder E (the hybrid encoder)")
-        self.encoder = encoder.eval().requires_grad_(False) if self.encoder_weight > 0 else None
+        self.encoder = freeze(encoder) if self.encoder_weight > 0 else None
         self._cache: dict[str, list] = {}
-
-    def train(self, mode: bool = True) -> "ReconstructionLoss":
-        return super().train(False)  # a fixed measuring instrument (frozen networks, eval mode)
 
     def _of_target(self, kind: str, net: nn.Module, target: torch.Tensor) -> torch.Tensor:
         """``net(target)`` without gradients, reused while the same target tensor is unchanged

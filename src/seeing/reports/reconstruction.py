@@ -26,7 +26,7 @@ from seeing.provenance import current
 from seeing.reporting import WandbReport, save_figure, write_csv, write_json, write_markdown_table
 from seeing.reports.missing_objects import (PANELS, latent_correlations, missing_caption, missing_figure,
                                             missing_panels, most_missing, rank_agreement, rank_missing)
-from seeing.stages.progress import StepProgressBar
+from seeing.progress import StepProgressBar
 from seeing.stages.reconstruct import load_result
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ def reconstruct_here(cfg: DictConfig, out_dir: Path, generator: Any) -> dict[str
 
     module = instantiate(cfg.stage, generator=generator)
     callbacks = [StepProgressBar()] if cfg.metric.get("progress", True) else []
-    trainer = build_trainer(cfg, callbacks, loggers=False)
+    trainer = build_trainer(cfg, callbacks, loggers=False, module=module)
     trainer.fit(module)
     module.cpu()
     module.provenance = current()

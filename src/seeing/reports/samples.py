@@ -42,9 +42,10 @@ def _save_png(image: np.ndarray, path: Path) -> None:
 def sample_grid(folder: Path, count: int) -> np.ndarray:
     """The first ``count`` samples of ``folder`` as one image grid (H x W x 3 uint8), for W&B."""
     from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
     from torchvision.utils import make_grid
 
-    images = [torch.from_numpy(np.asarray(Image.open(folder / sample_name(i)).convert("RGB"))).permute(2, 0, 1)
+    images = [pil_to_tensor(Image.open(folder / sample_name(i)).convert("RGB"))
               for i in range(count) if (folder / sample_name(i)).is_file()]
     return make_grid(torch.stack(images), nrow=8, padding=2).permute(1, 2, 0).numpy()
 
@@ -75,11 +76,9 @@ def write_samples(generator, path: str | Path, n: int, seed: int, batch_size: in
     generator = generator.to(device).eval()
     z_all = generator.sample_z(n, seed)  # latent k depends only on (seed, k)
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from seeing.progress import progress as progress_bar
 
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task(f"samples -> {out}", total=n, completed=counts["existing"])
+    with progress_bar(n, f"samples -> {out}", initial=counts["existing"], enabled=progress) as bar:
         for i in range(0, len(missing), batch_size):
             chunk = missing[i : i + batch_size]
             with torch.no_grad():
@@ -87,7 +86,7 @@ def write_samples(generator, path: str | Path, n: int, seed: int, batch_size: in
             for k, image in zip(chunk, images):
                 _save_png(image, out / sample_name(k))
             counts["written"] += len(chunk)
-            bar.advance(task, len(chunk))
+            bar.update(len(chunk))
     return counts
 
 

@@ -107,7 +107,7 @@ def tally_source(
     Metric accumulates there, batch by batch.
     A progress file that cannot be written (full disk) is a warning, and the tally goes on.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from seeing.progress import progress as progress_bar
 
     device = torch.device(device)
     if segmenter is None and not source.has_labels:
@@ -124,9 +124,7 @@ def tally_source(
     stats, since_save = TallyStats(), 0
     skipped_before = len(source.skipped)
     start = time.perf_counter()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task(description or f"tally {source.describe()}", total=n, completed=position)
+    with progress_bar(n, description or f"tally {source.describe()}", initial=position, enabled=progress) as bar:
         batches = (source.batches(n - position, batch_size, resolution, extra_offset=extra_offset + position,
                                   device=device) if position < n else ())
         for batch in batches:
@@ -146,7 +144,7 @@ def tally_source(
             position += len(batch.images) + len(batch.skipped)
             skipped.extend(batch.skipped)
             since_save += len(batch.images) + len(batch.skipped)
-            bar.advance(task, len(batch.images) + len(batch.skipped))
+            bar.update(len(batch.images) + len(batch.skipped))
             if partial is not None and since_save >= checkpoint_every and position < n:
                 rows = [np.concatenate(rows)]  # concatenated once per save, not again from scratch
                 since_save = 0

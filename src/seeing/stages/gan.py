@@ -28,6 +28,7 @@ import pytorch_lightning as pl
 import torch
 import torchvision
 
+from seeing.frozen import freeze
 from seeing.gans.critic import ProGANCritic, gradient_penalty
 from seeing.gans.layered import LayeredGenerator
 from seeing.gans.loading import save_generator
@@ -97,7 +98,7 @@ class WGANGP(pl.LightningModule):
                 f"critic widths {widths} give {self.critic.resolution}px but the generator makes "
                 f"{generator.resolution}px images"
             )
-        self.generator_ema = copy.deepcopy(generator).requires_grad_(False).eval()
+        self.generator_ema = freeze(copy.deepcopy(generator))  # moved by the EMA update only
         # Counters live in buffers so checkpoints carry them and resumed runs continue them.
         for name in ("critic_steps", "generator_steps", "skipped_steps", "nonfinite_streak"):
             self.register_buffer(name, torch.zeros((), dtype=torch.long))
@@ -182,7 +183,7 @@ class WGANGP(pl.LightningModule):
         self.skipped_steps += 1
         self.nonfinite_streak += 1
         log.warning("non-finite GAN loss %s at critic step %d: step skipped (%d skipped so far)",
-                    float(loss), int(self.critic_steps), int(self.skipped_steps))
+                    float(loss.detach()), int(self.critic_steps), int(self.skipped_steps))
         self.log("skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
         if int(self.nonfinite_streak) >= self.hparams.max_nonfinite_steps:
             raise NonFiniteLossError(

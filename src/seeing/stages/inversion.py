@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from torchmetrics import MeanSquaredError
 
+from seeing.frozen import freeze
 from seeing.gans.layered import LATENT, LayeredGenerator
 from seeing.reporting import save_figure, write_json
 
@@ -121,7 +122,7 @@ class InversionStage(pl.LightningModule):
             raise ValueError(f"stage.milestones={list(milestones)}: give absolute step numbers (whole numbers >= 1)")
         if not gamma > 0:
             raise ValueError(f"stage.gamma={gamma}: must be positive")
-        self.generator = generator.eval().requires_grad_(False)
+        self.generator = freeze(generator)  # fixed, and the same in train and eval mode
         self.inversion_layers = list(inversion_layers)
         # "z", or the layer whose output is the latent searched (``mapping`` for style-based models)
         self.latent_name = check_chain(generator, self.inversion_layers)
@@ -150,11 +151,6 @@ class InversionStage(pl.LightningModule):
         raise NotImplementedError
 
     # ------------------------------------------------------------ generator
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.generator.eval()  # frozen: BatchNorm statistics of a generator never move
-        return self
-
     def features(self, z: torch.Tensor, names: Sequence[str]) -> dict[str, Any]:
         with torch.no_grad():
             return self.generator.features(z, list(dict.fromkeys(names)))
@@ -185,7 +181,7 @@ class InversionStage(pl.LightningModule):
         loss = terms["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{self.stage_name}: non-finite loss {loss.item()} at step {self.global_step} "
-                                     f"({ {k: float(v) for k, v in terms.items()} })")
+                                     f"({ {k: float(v.detach()) for k, v in terms.items()} })")
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, prog_bar=False)
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
         return loss

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from seeing.frozen import freeze
 from seeing.gans.layered import LATENT, LayeredGenerator
 from seeing.models.hybrid import latent_value
 from seeing.gans.values import feature_tensor, with_feature
@@ -166,8 +167,9 @@ class Reconstructor(pl.LightningModule):
             raise ValueError(f"{targets.shape[0]} targets but {init_latents.shape[0]} initial latents")
         for p in positions:
             generator.index(p)  # unknown names fail here
-        self.generator = generator.eval().requires_grad_(False)
-        self.loss = (loss or ReconstructionLoss()).eval()
+        # fixed networks, the same in train and eval mode (seeing.frozen)
+        self.generator = freeze(generator)
+        self.loss = freeze(loss or ReconstructionLoss())
         self.positions = list(positions)
         self.latent_name = latent_name
         self.steps = int(steps) if self.positions else 0
@@ -227,12 +229,6 @@ class Reconstructor(pl.LightningModule):
     @property
     def total_steps(self) -> int:
         return self.steps * self.chunk_slots
-
-    def train(self, mode: bool = True) -> "Reconstructor":
-        super().train(mode)
-        self.generator.eval()  # frozen: never training-mode behaviour
-        self.loss.eval()
-        return self
 
     # ------------------------------------------------------------- rendering
     def chunk_deltas(self, c: int) -> dict[str, torch.Tensor]:
