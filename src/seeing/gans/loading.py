@@ -15,6 +15,12 @@ Known layouts (model config name in brackets):
 * ``ganseeing_wgangp`` [wgangp]: the ProGAN paper's WGAN-GP ablation (``wgangp-*.pth``).
 * ``genforce_stylegan`` [stylegan], ``genforce_stylegan2`` [stylegan2]: genforce model zoo
   StyleGAN / StyleGAN2; for these "z" of inversion is w+ (see :mod:`.stylegan_common`).
+
+NVlabs snapshot pickles (stylegan2-ada-pytorch, stylegan3: ``network-snapshot-*.pkl``) are not
+state dicts: :func:`read_checkpoint` recognises one by its first bytes, reads its ``G_ema``
+network as data (:mod:`.nvlabs_pickle`, nothing in the file is run) and picks the architecture
+in :data:`NVLABS_ARCHITECTURES` whose signature tensor the network holds; that entry builds the
+generator from the record (its ``_init_kwargs``, attributes and tensors).
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import torch
 
 from seeing.reporting import load_torch_file
 
-from . import genforce_pggan, stylegan, stylegan2, wgangp
+from . import genforce_pggan, nvlabs_pickle, nvlabs_stylegan2, stylegan, stylegan2, wgangp
 from .layered import LayeredGenerator
 from .materialize import as_float32
 from .progan import LAYOUT as PROGAN_LAYOUT, ProGANGenerator
@@ -72,26 +78,55 @@ LAYOUTS: dict[str, Layout] = {
     )
 }
 
+
+
+@dataclass(frozen=True)
+class NVlabsArchitecture:
+    """A generator architecture NVlabs snapshot pickles hold, told apart by a tensor of ``G_ema``."""
+
+    name: str  # the layout name generators built from it report
+    model: str  # the ``model=`` config (family) it belongs to
+    description: str
+    signature: str  # a key of G_ema's state only this architecture has
+    public_files: tuple[str, ...]
+    build: Callable[..., LayeredGenerator]  # (G_ema record, **options)
+    options: tuple[str, ...] = ()  # keyword options ``build`` accepts
+    inversion_layers: tuple[str, ...] = ()  # the preset of ``model.inversion_layers``
+
+
+NVLABS_ARCHITECTURES: dict[str, NVlabsArchitecture] = {
+    "stylegan2": NVlabsArchitecture(
+        nvlabs_stylegan2.LAYOUT, "stylegan2", "NVlabs stylegan2-ada-pytorch snapshot", nvlabs_stylegan2.SIGNATURE,
+        ("network-snapshot-*.pkl", "ffhq.pkl", "metfaces.pkl", "cifar10.pkl"), nvlabs_stylegan2.from_record,
+        ("truncation_psi", "truncation_layers", "class_index", "clamp_output"), nvlabs_stylegan2.INVERSION_LAYERS),
+}
+
 MODELS: dict[str, tuple[str, ...]] = {}
-for _layout in LAYOUTS.values():
+for _layout in [*LAYOUTS.values(), *NVLABS_ARCHITECTURES.values()]:
     MODELS.setdefault(_layout.model, ())
     MODELS[_layout.model] += (_layout.name,)
+NVLABS_LAYOUTS = {a.name: a for a in NVLABS_ARCHITECTURES.values()}
 
 
 def _known_layouts() -> str:
     return "; ".join(f"{l.name} (model={l.model}: {l.description}, e.g. {', '.join(l.public_files)})"
-                     for l in LAYOUTS.values())
+                     for l in [*LAYOUTS.values(), *NVLABS_ARCHITECTURES.values()])
 
 
 def _allowed_layouts(layout: str) -> tuple[str, ...]:
     if layout == "auto":
-        return tuple(LAYOUTS)
-    if layout in LAYOUTS:
+        return (*LAYOUTS, *NVLABS_LAYOUTS)
+    if layout in LAYOUTS or layout in NVLABS_LAYOUTS:
         return (layout,)
     if layout in MODELS:
         return MODELS[layout]
     raise ValueError(f"unknown layout {layout!r}: use 'auto', a model name {sorted(MODELS)} "
-                     f"or a layout name {sorted(LAYOUTS)}")
+                     f"or a layout name {sorted([*LAYOUTS, *NVLABS_LAYOUTS])}")
+
+
+def _describe(name: str) -> tuple[str, str, tuple[str, ...]]:
+    spec = LAYOUTS.get(name) or NVLABS_LAYOUTS[name]
+    return spec.model, spec.description, spec.public_files
 
 
 def detect_layout(state_dict: Mapping[str, Any]) -> str:
@@ -120,11 +155,41 @@ def detect_layout(state_dict: Mapping[str, Any]) -> str:
 
 
 def _missing_file_error(path: Path, allowed: tuple[str, ...]) -> FileNotFoundError:
-    expected = "; ".join(f"{', '.join(LAYOUTS[n].public_files)} ({LAYOUTS[n].description}, layout {n})"
-                         for n in allowed)
+    expected = "; ".join(f"{', '.join(_describe(n)[2])} ({_describe(n)[1]}, layout {n})" for n in allowed)
     return FileNotFoundError(
         f"generator checkpoint not found: {path}. Expected a local copy of one of: {expected}. "
         "Weights are never downloaded; put the file there or point model.checkpoint at it.")
+
+
+def _nvlabs_file(source: Any, layout: str) -> Path | None:
+    """The path of ``source`` when it names an NVlabs pickle (a missing file is an error here)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise _missing_file_error(path, _allowed_layouts(layout))
+    return path if nvlabs_pickle.looks_like_nvlabs_pickle(path) else None
+
+
+def read_nvlabs_generator(path: str | os.PathLike) -> tuple[nvlabs_pickle.PersistentRecord, NVlabsArchitecture]:
+    """``G_ema`` of an NVlabs snapshot pickle (read as data) and the architecture it has.
+
+    The file is recorded in the run's provenance. A network of no known architecture (a fork,
+    another project's pickle) is an error naming its class and what it holds.
+    """
+    from seeing.provenance import record_input
+
+    path = Path(path)
+    record = nvlabs_pickle.read_snapshot_generator(path)
+    record_input(path, "generator checkpoint")
+    keys = [k for k, _ in record.tensors()]
+    fits = [a for a in NVLABS_ARCHITECTURES.values() if a.signature in keys]
+    if len(fits) != 1:
+        known = "; ".join(f"{a.name} (model={a.model}: {a.description}, holds {a.signature!r})"
+                          for a in NVLABS_ARCHITECTURES.values())
+        raise ValueError(f"{path}: its G_ema is a {record.class_name} of no known NVlabs architecture "
+                         f"({len(keys)} tensors, e.g. {keys[:8]}). Known: {known}")
+    return record, fits[0]
 
 
 def read_checkpoint(source: str | os.PathLike | Mapping[str, Any], layout: str = "auto"
@@ -133,11 +198,16 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any], layout: str =
 
     Checkpoint dicts are unwrapped from ``generator_smooth`` / ``generator`` / ``state_dict``;
     the project's own format ``{"layout", "state_dict", "meta"}`` also gives its layout and meta.
+    An NVlabs snapshot pickle gives its ``G_ema`` tensors (upstream's names), the layout of its
+    architecture and ``meta`` ``{"format": "nvlabs", "class_name", "init_kwargs"}``.
     """
+    nvlabs = _nvlabs_file(source, layout)
+    if nvlabs is not None:
+        record, architecture = read_nvlabs_generator(nvlabs)
+        return (dict(record.tensors()), architecture.name,
+                {"format": "nvlabs", "class_name": record.class_name, "init_kwargs": record.init_kwargs})
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
-        if not path.is_file():
-            raise _missing_file_error(path, _allowed_layouts(layout))
         source = load_torch_file(path, "generator checkpoint",
                                  "Re-copy the file (an interrupted download or copy leaves it truncated), or point "
                                  "model.checkpoint at the right generator checkpoint.")
@@ -174,21 +244,38 @@ def load_generator(source: str | os.PathLike | Mapping[str, Any], layout: str = 
             StyleGAN and StyleGAN2.
     """
     allowed = _allowed_layouts(layout)
-    state_dict, stored_layout, meta = read_checkpoint(source, layout)
-    name = stored_layout if stored_layout is not None else detect_layout(state_dict)
-    if name not in LAYOUTS:
-        raise ValueError(f"checkpoint declares unknown layout {name!r}. Known layouts: {_known_layouts()}")
-    if name not in allowed:
-        raise ValueError(f"checkpoint has layout {name} (model={LAYOUTS[name].model}) but layout={layout!r} "
-                         f"was asked for, which allows {list(allowed)}")
-    spec = LAYOUTS[name]
-    unknown = sorted(set(options) - set(spec.options))
-    if unknown:
-        raise TypeError(f"layout {name} takes no option(s) {unknown}; it accepts {list(spec.options)}")
-    generator = spec.build(as_float32(state_dict), **options)
+    nvlabs = _nvlabs_file(source, layout)
+    if nvlabs is not None:
+        record, architecture = read_nvlabs_generator(nvlabs)
+        _check_allowed(architecture.name, layout, allowed)
+        generator = architecture.build(record, **_options_for(architecture.name, architecture.options, options))
+        meta = {"format": "nvlabs", "class_name": record.class_name, "init_kwargs": record.init_kwargs}
+    else:
+        state_dict, stored_layout, meta = read_checkpoint(source, layout)
+        name = stored_layout if stored_layout is not None else detect_layout(state_dict)
+        if name not in LAYOUTS:
+            raise ValueError(f"checkpoint declares unknown layout {name!r}. Known layouts: {_known_layouts()}")
+        _check_allowed(name, layout, allowed)
+        spec = LAYOUTS[name]
+        generator = spec.build(as_float32(state_dict), **_options_for(name, spec.options, options))
     generator.eval().requires_grad_(requires_grad)
     generator.checkpoint_meta = meta
     return generator
+
+
+def _check_allowed(name: str, layout: str, allowed: tuple[str, ...]) -> None:
+    if name not in allowed:
+        raise ValueError(f"checkpoint has layout {name} (model={_describe(name)[0]}) but layout={layout!r} "
+                         f"was asked for, which allows {list(allowed)}")
+
+
+def _options_for(name: str, accepted: tuple[str, ...], options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options a layout takes. One a model config passes unset (None) that this layout does
+    not know is left out (``class_index`` of an unconditional format); one set is an error."""
+    unknown = sorted(k for k, v in options.items() if k not in accepted and v is not None)
+    if unknown:
+        raise TypeError(f"layout {name} takes no option(s) {unknown}; it accepts {list(accepted)}")
+    return {k: v for k, v in options.items() if k in accepted}
 
 
 def save_generator(generator: LayeredGenerator, path: str | os.PathLike, meta: Mapping[str, Any] | None = None
