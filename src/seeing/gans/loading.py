@@ -24,6 +24,7 @@ generator from the record (its ``_init_kwargs``, attributes and tensors).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from dataclasses import dataclass
@@ -34,14 +35,14 @@ import torch
 
 from seeing.reporting import load_torch_file
 
-from . import genforce_pggan, nvlabs_pickle, nvlabs_stylegan2, stylegan, stylegan2, wgangp
+from . import genforce_pggan, nvlabs_pickle, nvlabs_stylegan2, rosinality, stylegan, stylegan2, wgangp
 from .layered import LayeredGenerator
 from .materialize import as_float32
 from .progan import LAYOUT as PROGAN_LAYOUT, ProGANGenerator
 
 # wrapper keys of checkpoint dicts, most preferred first (genforce keeps the EMA weights in
-# 'generator_smooth', the raw ones in 'generator')
-CHECKPOINT_KEYS = ("generator_smooth", "generator", "state_dict")
+# 'generator_smooth', the raw ones in 'generator'; rosinality the EMA ones in 'g_ema')
+CHECKPOINT_KEYS = ("generator_smooth", "generator", "g_ema", "state_dict")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Layout:
     public_files: tuple[str, ...]
     build: Callable[..., LayeredGenerator]
     options: tuple[str, ...] = ()  # keyword options ``build`` accepts
+    inversion_layers: tuple[str, ...] = ()  # the preset of ``model.inversion_layers`` (style-based layouts)
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -74,7 +76,10 @@ LAYOUTS: dict[str, Layout] = {
                ("truncation_psi", "truncation_layers", "fused_scale_min_res", "clamp_output")),
         Layout(stylegan2.LAYOUT, "stylegan2", "genforce model zoo StyleGAN2", stylegan2.KEY_PATTERN,
                "synthesis.early_layer.const", ("stylegan2_church256.pth",), stylegan2.from_state_dict,
-               ("truncation_psi", "truncation_layers", "clamp_output")),
+               ("truncation_psi", "truncation_layers", "clamp_output"), ("layer0", "layer1", "layer2")),
+        Layout(rosinality.LAYOUT, "stylegan2", "rosinality/stylegan2-pytorch checkpoint", rosinality.KEY_PATTERN,
+               rosinality.SIGNATURE, ("stylegan2-ffhq-config-f.pt", "550000.pt"), rosinality.from_state_dict,
+               ("truncation_psi", "truncation_layers", "clamp_output"), rosinality.INVERSION_LAYERS),
     )
 }
 
@@ -208,9 +213,12 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any], layout: str =
                 {"format": "nvlabs", "class_name": record.class_name, "init_kwargs": record.init_kwargs})
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
-        source = load_torch_file(path, "generator checkpoint",
-                                 "Re-copy the file (an interrupted download or copy leaves it truncated), or point "
-                                 "model.checkpoint at the right generator checkpoint.")
+        # rosinality checkpoints keep their training options as an argparse.Namespace: plain data,
+        # rebuilt without running anything, so the weights-only reader may accept it
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            source = load_torch_file(path, "generator checkpoint",
+                                     "Re-copy the file (an interrupted download or copy leaves it truncated), or "
+                                     "point model.checkpoint at the right generator checkpoint.")
     if not isinstance(source, Mapping):
         raise TypeError(f"expected a checkpoint path, checkpoint dict or state dict, got {type(source).__name__}")
     stored_layout, meta = None, {}
@@ -220,7 +228,10 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any], layout: str =
     else:
         for key in CHECKPOINT_KEYS:
             if isinstance(source.get(key), Mapping):
-                source = source[key]
+                outer, source = source, source[key]
+                if key == "g_ema" and isinstance(outer.get("latent_avg"), torch.Tensor):
+                    # rosinality keeps the mean w beside the generator: part of its state here
+                    source = {**source, "latent_avg": outer["latent_avg"]}
                 break
     not_tensors = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
@@ -314,3 +325,51 @@ def _plain(value: Any, where: str) -> Any:
     if hasattr(value, "item") and getattr(value, "shape", None) == ():  # numpy scalars
         return value.item()
     raise TypeError(f"{where} is a {type(value).__name__}; generator files hold plain values only")
+
+
+# ------------------------------------------------------------------ inversion presets
+_PRESETS: dict[tuple, list[str]] = {}
+
+
+def inversion_preset(checkpoint: str | os.PathLike | None, model: str) -> list[str]:
+    """The layers layer-wise inversion treats as early for this checkpoint's format: the
+    default of ``model.inversion_layers`` for a model config whose formats name their layers
+    differently (``model=stylegan2``: genforce ``layer0..2``, NVlabs ``b4.conv1, b8.conv0,
+    b8.conv1``, rosinality ``conv1, convs.0, convs.1``).
+
+    The format is recognised as :func:`load_generator` recognises it (cached per file). A file
+    that is missing or unreadable gives the model's first preset: loading it reports the
+    problem, before any work.
+    """
+    presets = [spec.inversion_layers for spec in [*LAYOUTS.values(), *NVLABS_ARCHITECTURES.values()]
+               if spec.model == model and spec.inversion_layers]
+    if not presets:
+        raise ValueError(f"model={model} has no per-format inversion preset: set model.inversion_layers")
+    path = Path(str(checkpoint)).expanduser() if checkpoint not in (None, "") else None
+    if path is None or not path.is_file():
+        return list(presets[0])
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, model)
+    if key not in _PRESETS:
+        _PRESETS[key] = list(_format_of(path, model) or presets[0])
+    return list(_PRESETS[key])
+
+
+def _format_of(path: Path, model: str) -> tuple[str, ...] | None:
+    try:
+        if nvlabs_pickle.looks_like_nvlabs_pickle(path):
+            record = nvlabs_pickle.read_snapshot_generator(path)
+            keys = {k for k, _ in record.tensors()}
+            fits = [a for a in NVLABS_ARCHITECTURES.values() if a.signature in keys and a.model == model]
+            return fits[0].inversion_layers if len(fits) == 1 else None
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            try:  # a zip checkpoint is mapped, not read: only its keys are needed here
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict, stored, _ = read_checkpoint(obj)
+        name = stored or detect_layout(state_dict)
+    except Exception:  # noqa: BLE001 - the loader gives the real error when the run builds the generator
+        return None
+    spec = LAYOUTS.get(name)
+    return spec.inversion_layers if spec is not None and spec.model == model else None
