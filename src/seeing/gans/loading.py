@@ -197,6 +197,37 @@ def read_nvlabs_generator(path: str | os.PathLike) -> tuple[nvlabs_pickle.Persis
     return record, fits[0]
 
 
+def _is_plain_pickle(path: Path) -> bool:
+    """A pickle (protocol 2+) that is not a zip: not torch.save's format since PyTorch 1.6."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
+def _pickle_globals(path: Path, limit: int = 8) -> list[str]:
+    """The first ``limit`` distinct Python globals a pickle names, read off its opcodes (nothing
+    is unpickled), to say what a refused file is."""
+    import io
+    import pickletools
+
+    with open(path, "rb") as f:
+        head = io.BytesIO(f.read(1 << 22))
+    found: dict[str, None] = {}
+    strings: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(head):
+            if op.name == "GLOBAL":
+                found[str(arg).replace(" ", ".")] = None
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found[f"{strings[-2]}.{strings[-1]}"] = None
+            elif isinstance(arg, str) and "UNICODE" in op.name:
+                strings.append(arg)
+            if len(found) >= limit or op.name == "STOP":
+                break
+    except Exception:  # noqa: BLE001 - a damaged tail: report what was read
+        pass
+    return list(found)
+
+
 def read_checkpoint(source: str | os.PathLike | Mapping[str, Any], layout: str = "auto"
                     ) -> tuple[dict[str, torch.Tensor], str | None, dict]:
     """``(state_dict, stored_layout, meta)`` from a path, a checkpoint dict or a state dict.
@@ -216,9 +247,22 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any], layout: str =
         # rosinality checkpoints keep their training options as an argparse.Namespace: plain data,
         # rebuilt without running anything, so the weights-only reader may accept it
         with torch.serialization.safe_globals([argparse.Namespace]):
-            source = load_torch_file(path, "generator checkpoint",
-                                     "Re-copy the file (an interrupted download or copy leaves it truncated), or "
-                                     "point model.checkpoint at the right generator checkpoint.")
+            try:
+                source = load_torch_file(path, "generator checkpoint",
+                                         "Re-copy the file (an interrupted download or copy leaves it truncated), or "
+                                         "point model.checkpoint at the right generator checkpoint.")
+            except ValueError as err:
+                refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err.__cause__ or ""))
+                if refused:
+                    raise ValueError(f"{path} asks for the Python global {refused[1]}, which a generator "
+                                     "checkpoint read as data (weights only) may not hold; seeing never runs code "
+                                     "from a checkpoint: point model.checkpoint at a generator checkpoint") from err
+                if _is_plain_pickle(path):
+                    raise ValueError(f"{path} is a Python pickle that is neither a PyTorch checkpoint readable as "
+                                     f"data nor an NVlabs snapshot (it never names {nvlabs_pickle.PERSISTENCE}); it "
+                                     f"asks for {', '.join(_pickle_globals(path)) or 'no Python globals'}. seeing never runs code from "
+                                     "a checkpoint: point model.checkpoint at a generator checkpoint") from err
+                raise
     if not isinstance(source, Mapping):
         raise TypeError(f"expected a checkpoint path, checkpoint dict or state dict, got {type(source).__name__}")
     stored_layout, meta = None, {}
@@ -259,7 +303,10 @@ def load_generator(source: str | os.PathLike | Mapping[str, Any], layout: str = 
     if nvlabs is not None:
         record, architecture = read_nvlabs_generator(nvlabs)
         _check_allowed(architecture.name, layout, allowed)
-        generator = architecture.build(record, **_options_for(architecture.name, architecture.options, options))
+        try:
+            generator = architecture.build(record, **_options_for(architecture.name, architecture.options, options))
+        except ValueError as err:  # name the file: a fork's extra or missing tensors, a class count
+            raise ValueError(f"{nvlabs}: {err}") from err
         meta = {"format": "nvlabs", "class_name": record.class_name, "init_kwargs": record.init_kwargs}
     else:
         state_dict, stored_layout, meta = read_checkpoint(source, layout)
