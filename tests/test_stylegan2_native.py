@@ -278,3 +278,76 @@ def test_a_pickle_that_is_not_a_snapshot_names_what_it_asks_for(tmp_path):
         pickle.dump({"counts": collections.Counter("abc")}, f)
     with pytest.raises(ValueError, match=r"other\.pkl is a Python pickle that is neither.*collections\.Counter"):
         load_generator(path)
+
+
+# ------------------------------------------------------------------ the stages on each format
+@pytest.fixture(scope="module")
+def scenes_segmenter_and_photos(tmp_path_factory):
+    import numpy as np
+    from PIL import Image
+
+    from seeing.data.scenes import CLASS_NAMES
+    from seeing.segmenters.scenes import SceneSegmenterNet, make_weights_file
+
+    root = tmp_path_factory.mktemp("native_stages")
+    torch.manual_seed(0)
+    torch.save(make_weights_file(SceneSegmenterNet(len(CLASS_NAMES), (4, 8)), CLASS_NAMES), root / "segmenter.pt")
+    (root / "photos").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (72, 80, 3), dtype=np.uint8)).save(root / "photos" / f"p{i}.png")
+    return root / "segmenter.pt", root / "photos"
+
+
+@pytest.mark.parametrize("file", ["sg2ada_uncond_64.pkl", "rosinality_64.pt"])
+def test_reconstruction_ablation_and_fsd_run_on_each_format(compose, tmp_path, scenes_segmenter_and_photos, file):
+    import csv
+    import json
+
+    from conftest import QUICK_TRAIN
+
+    from seeing.models.hybrid import new_hybrid_encoder
+    from seeing.pipeline import evaluate, train
+    from seeing.reporting import torch_save_atomic
+    from seeing.stages.reconstruct import load_result
+
+    segmenter, photos = scenes_segmenter_and_photos
+    path = NATIVE / file
+    model = ["model=stylegan2", f"model.checkpoint={path}"]
+    layers = list(compose("train", [*model, "stage=layer1"]).model.inversion_layers)
+    hybrid = torch_save_atomic(new_hybrid_encoder(load_generator(path), layers).to_file_dict(), tmp_path / "hybrid.pt")
+    recon = ["stage=reconstruct", "stage.steps=2", "stage.targets.count=2", "stage.batch_size=2",
+             "stage.targets.kind=generated", "stage.loss.perceptual=none", f"stage.hybrid_file={hybrid}", *QUICK_TRAIN]
+    results = {}
+    for v in "df":
+        cfg = compose("train", [*model, *recon, f"variant={v}"])
+        train(cfg)
+        results[v] = load_result(Path(cfg.output_dir) / "reconstruction.pt")
+    # f corrects the outputs of every inversion layer but the last, named as upstream names them
+    assert results["f"]["positions"] == layers[:-1]
+    assert torch.isfinite(results["f"]["loss_curves"]).all()
+    assert results["f"]["init_latents"].shape[1:] == (10, 64)  # w+: num_ws x w_dim
+    assert not torch.equal(results["f"]["final"], results["f"]["initial"])
+
+    rows = evaluate(compose("evaluate", ["metric=ablation", f"segmenter.path={segmenter}", *model]))
+    assert {r["variant"] for r in rows} == {"d", "f"}
+    (table,) = list((tmp_path / "runs" / "eval" / "ablation").rglob("ablation.csv"))
+    with open(table) as f:
+        header = next(csv.reader(f))
+    assert {f"corr_{name}" for name in layers} <= set(header)
+
+    cfg = compose("evaluate", ["metric=fsd", "real=folder", f"real.path={photos}", "fake=generator", *model,
+                               f"segmenter.path={segmenter}", "metric.n=4", "metric.batch_size=2",
+                               "metric.progress=false", "device=cpu"])
+    evaluate(cfg)
+    report = json.loads((Path(cfg.output_dir) / "fsd.json").read_text())
+    assert report["n"] == 4 and report["fsd"] >= 0
+
+
+def test_inversion_layers_that_are_not_layers_of_the_file_stop_the_stage(compose):
+    from hydra.utils import instantiate
+
+    cfg = compose("train", ["model=stylegan2", f"model.checkpoint={NATIVE / 'sg2ada_uncond_64.pkl'}",
+                            "stage=layer1", "model.inversion_layers=[layer0,layer1,layer2]"])
+    with pytest.raises(Exception, match=r"unknown layer 'layer0'; layers are \[.*'b4\.conv1', 'b8\.conv0'"):
+        instantiate(cfg.stage)
