@@ -86,7 +86,12 @@ def test_nvlabs_snapshot_reproduces_every_golden_tensor(stem):
 
 
 def test_nvlabs_snapshot_reads_as_a_state_dict_with_its_layout():
+    from seeing.provenance import inputs, reset_inputs
+
+    reset_inputs()
     state_dict, layout, meta = read_checkpoint(NATIVE / "sg2ada_uncond_64.pkl")
+    (read,) = inputs()  # the run's provenance lists the file
+    assert read["path"] == str((NATIVE / "sg2ada_uncond_64.pkl").resolve()) and len(read["sha256"]) == 64
     assert layout == "nvlabs_stylegan2" and meta["class_name"] == "Generator"
     assert meta["init_kwargs"]["synthesis_kwargs"]["conv_clamp"] == 256
     assert "synthesis.b64.torgb.weight" in state_dict and "mapping.w_avg" in state_dict
