@@ -22,7 +22,8 @@ NATIVE = Path(__file__).resolve().parent / "fixtures" / "stylegan_native"
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 TOL = 1e-4
 # NVlabs snapshots: file stem -> load_generator options
-NVLABS = {"sg2ada_uncond_64": {}, "sg2ada_cond_16": {"class_index": 3}, "sg2ada_orig_fp16_16": {}}
+NVLABS = {"sg2ada_uncond_64": {}, "sg2ada_cond_16": {"class_index": 3}, "sg2ada_orig_fp16_16": {},
+          "sg2ada_resnet_16": {}}
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,20 +67,24 @@ def test_nvlabs_snapshot_reproduces_every_golden_tensor(stem):
         assert max_diff(cut.run(ref["z"], stop="mapping").ws, ref["ws_psi0p7_cutoff3"]) < TOL
         assert max_diff(cut(ref["z"]), ref["img_psi0p7_cutoff3"]) < TOL
 
-    # every block's x and img, every conv and torgb output
-    torgb = {}
-    hooks = [g.layer(f"b{r}.conv1").torgb.register_forward_hook(
-        lambda m, i, o, r=r: torgb.__setitem__(f"synthesis.b{r}.torgb", o))
-        for r in blocks if g.layer(f"b{r}.conv1").torgb is not None]
+    # every block's x and img (the state after its conv1 layer), every conv and torgb output
+    # (upstream's SynthesisLayer and ToRGBLayer: the modules under the chain's layers)
+    outputs, hooks = {}, []
+    for r in blocks:
+        for part, module in [("conv0", getattr(g.layer(f"b{r}.conv0"), "conv", None) if r > 4 else None),
+                             ("conv1", g.layer(f"b{r}.conv1").conv), ("torgb", g.layer(f"b{r}.conv1").torgb)]:
+            if module is not None:
+                hooks.append(module.register_forward_hook(
+                    lambda m, i, o, key=f"synthesis.b{r}.{part}": outputs.__setitem__(key, o)))
     feats = g.features(ref["z"][:1], g.layer_names[1:-1])
     for h in hooks:
         h.remove()
     for key, expected in ref["intermediates_psi1"].items():
         _, block, part = key.split(".")
-        got = {"conv0": lambda: feats[f"{block}.conv0"].x, "conv1": lambda: feats[f"{block}.conv1"].x,
-               "x": lambda: feats[f"{block}.conv1"].x, "img": lambda: feats[f"{block}.conv1"].image,
-               "torgb": lambda: torgb[key]}[part]()
+        got = {"x": lambda: feats[f"{block}.conv1"].x, "img": lambda: feats[f"{block}.conv1"].image}.get(
+            part, lambda: outputs[key])()
         assert max_diff(got, expected) < TOL, key
+    assert set(outputs) <= set(ref["intermediates_psi1"])  # no module upstream lacks
     # the default generator clamps to [-1, 1]; these untrained nets go far outside it
     assert float(ref["img_psi1"].abs().max()) > 2
     assert max_diff(load_generator(path, **options)(ref["z"]), ref["img_psi1"].clamp(-1, 1)) < TOL

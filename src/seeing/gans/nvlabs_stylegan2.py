@@ -18,17 +18,19 @@ block's last conv. Noise is the stored ``noise_const`` times ``noise_strength``
 from the tensor shapes, flags (``architecture``, ``up``, ``conv_clamp``, ``use_noise``,
 ``activation``) from the records' own attributes.
 
-Deliberate differences from upstream: blocks that upstream runs in float16
-(``num_fp16_res > 0``) run in float32 here (the float32 result upstream would compute with
-``force_fp32=True``); the ``resnet`` generator architecture is not supported (``skip``, the
-default of every published config, and ``orig`` are).
+Architectures: ``skip`` (every published config), ``orig`` (one to-RGB, at the last block) and
+``resnet`` (a block's ``conv0`` layer also runs its 1x1 upsampling ``skip`` conv, whose output
+the state carries to ``conv1``, which adds it: :class:`ResidualState`).
+
+Deliberate difference from upstream: blocks that upstream runs in float16 (``num_fp16_res > 0``)
+run in float32 here (the float32 result upstream computes with ``force_fp32=True``).
 """
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +44,8 @@ from .stylegan_common import Mapping, StyledState, StyleGenerator, StyleOutput, 
 
 LAYOUT = "nvlabs_stylegan2"
 SIGNATURE = "synthesis.b4.const"  # the learned 4x4 input: only StyleGAN2's synthesis has it
-ARCHITECTURES = ("skip", "orig")
+ARCHITECTURES = ("skip", "orig", "resnet")
+RESIDUAL_GAIN = math.sqrt(0.5)  # resnet blocks scale both branches so their sum keeps the variance
 # the layers layer-wise inversion treats as early: 4x4, then both 8x8 convs (as genforce's layer0..2)
 INVERSION_LAYERS = ("b4.conv1", "b8.conv0", "b8.conv1")
 
@@ -122,13 +125,40 @@ class ToRGB(nn.Module):
         return x.clamp(-self.conv_clamp, self.conv_clamp) if self.conv_clamp is not None else x
 
 
+class ResidualState(NamedTuple):
+    """The value between a resnet block's ``conv0`` and ``conv1``: a styled state plus the block's
+    skip branch, which ``conv1`` adds to its output."""
+
+    x: torch.Tensor
+    ws: torch.Tensor
+    image: torch.Tensor | None
+    residual: torch.Tensor
+
+
+class SkipConv(nn.Module):
+    """Upstream's resnet ``skip``: a ``Conv2dLayer`` with a 1x1 kernel, no bias, linear activation,
+    upsampling by 2 (convolve first, then the stored filter with gain 4), scaled by sqrt(1/2)."""
+
+    def __init__(self, in_ch: int, out_ch: int, filter_shape: tuple[int, ...]):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_ch, in_ch, 1, 1))
+        self.register_buffer("resample_filter", torch.empty(filter_shape))
+        self.weight_gain = 1.0 / math.sqrt(in_ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.conv2d(x, (self.weight * self.weight_gain).to(x.dtype))
+        return upsample_skip(x, self.resample_filter, gain=4) * RESIDUAL_GAIN
+
+
 class BlockLayer(nn.Module):
     """One layer of the chain: a block's ``conv0`` or ``conv1``. A ``conv1`` layer ends its block
     (``ends_block``): it holds the block's skip-upsampling filter and its ``torgb`` (when the
-    architecture gives the block one); the first block's also holds the constant input."""
+    architecture gives the block one); the first block's also holds the constant input. In a
+    resnet block ``conv0`` also holds the ``skip`` conv and ``conv1`` adds its output."""
 
     def __init__(self, conv: SynthesisConv, w_row: int, ends_block: bool, torgb: ToRGB | None = None,
-                 const_shape: tuple[int, ...] | None = None, filter_shape: tuple[int, ...] | None = None):
+                 const_shape: tuple[int, ...] | None = None, filter_shape: tuple[int, ...] | None = None,
+                 skip: SkipConv | None = None, residual: bool = False):
         super().__init__()
         self.conv = conv
         self.w_row = w_row
@@ -139,11 +169,18 @@ class BlockLayer(nn.Module):
         if ends_block:
             self.register_buffer("resample_filter", torch.empty(filter_shape))
         self.torgb = torgb
+        self.skip = skip  # resnet conv0: the block's skip branch
+        self.residual = residual  # resnet conv1: add the carried skip branch
 
-    def forward(self, state: StyledState) -> StyledState:
+    def forward(self, state: StyledState | ResidualState) -> StyledState | ResidualState:
         ws = state.ws
         x = self.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1) if self.from_const else state.x
-        x = self.conv(x, ws[:, self.w_row])
+        if self.skip is not None:
+            return ResidualState(self.conv(x, ws[:, self.w_row]), ws, state.image, self.skip(x))
+        if self.residual:
+            x = state.residual + self.conv(x, ws[:, self.w_row], gain=RESIDUAL_GAIN)
+        else:
+            x = self.conv(x, ws[:, self.w_row])
         image = state.image
         if self.ends_block:
             if image is not None:
@@ -225,6 +262,8 @@ def _internal_key(key: str) -> str:
         return f"layers.{module_key(f'b{m[1]}.{m[2]}')}.conv.{m[3]}"
     if m := re.fullmatch(r"synthesis\.b(\d+)\.torgb\.(.+)", key):
         return f"layers.{module_key(f'b{m[1]}.conv1')}.torgb.{m[2]}"
+    if m := re.fullmatch(r"synthesis\.b(\d+)\.skip\.(.+)", key):
+        return f"layers.{module_key(f'b{m[1]}.conv0')}.skip.{m[2]}"
     return key
 
 
@@ -294,8 +333,15 @@ def from_record(record: PersistentRecord, truncation_psi: float = 1.0, truncatio
             out_ch, in_ch, kernel, _ = _shape(tensors, f"{key}.torgb.weight")
             clamp = _attribute(block.child("torgb"), "conv_clamp", f"{key}.torgb")
             torgb = (in_ch, out_ch, kernel, None if clamp is None else float(clamp))
+        skip = None
+        if architecture == "resnet" and not first:
+            layer = block.child("skip")
+            if (_attribute(layer, "activation", f"{key}.skip") != "linear" or int(_attribute(layer, "up", f"{key}.skip")) != 2
+                    or f"{key}.skip.bias" in tensors or _shape(tensors, f"{key}.skip.weight")[2:] != (1, 1)):
+                raise ValueError(f"{key}.skip is not upstream's 1x1 upsampling conv without bias")
+            skip = (*_shape(tensors, f"{key}.skip.weight")[1::-1], _shape(tensors, f"{key}.skip.resample_filter"))
         extras = {"torgb": torgb, "filter_shape": _shape(tensors, f"{key}.resample_filter"),
-                  "const_shape": _shape(tensors, f"{key}.const") if first else None}
+                  "const_shape": _shape(tensors, f"{key}.const") if first else None, "skip": skip}
         for which in convs:
             plan.append((_conv_plan(record, tensors, res, which), w_row, which == "conv1", extras))
             w_row += 1
@@ -309,9 +355,11 @@ def from_record(record: PersistentRecord, truncation_psi: float = 1.0, truncatio
             module = SynthesisConv(conv.in_ch, conv.out_ch, conv.kernel, w_dim, conv.resolution, conv.up,
                                    conv.use_noise, conv.conv_clamp, conv.filter_shape)
             torgb = ToRGB(*extras["torgb"][:3], w_dim, extras["torgb"][3]) if ends_block and extras["torgb"] else None
+            skip = SkipConv(*extras["skip"]) if extras["skip"] and not ends_block else None
             chain.append((conv.name, BlockLayer(module, row, ends_block, torgb,
                                                 extras["const_shape"] if ends_block else None,
-                                                extras["filter_shape"] if ends_block else None)))
+                                                extras["filter_shape"] if ends_block else None,
+                                                skip=skip, residual=bool(extras["skip"]) and ends_block)))
         return NVlabsStyleGAN2Generator(make_mapping(), chain, resolution=resolutions[-1],
                                         clamp_output=clamp_output, c_dim=c_dim)
 
