@@ -353,17 +353,22 @@ def tiny_wgangp_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("model,checkpoint", [
-    ("progan", "ganseeing_proggan_256.pt"),
-    ("progan", "genforce_pggan_256.pt"),
-    ("wgangp", None),
-    ("stylegan", "genforce_stylegan_256.pt"),
-    ("stylegan2", "genforce_stylegan2_256.pt"),
+@pytest.mark.parametrize("model,checkpoint,extra", [
+    ("progan", "ganseeing_proggan_256.pt", []),
+    ("progan", "genforce_pggan_256.pt", []),
+    ("wgangp", None, []),
+    ("stylegan", "genforce_stylegan_256.pt", []),
+    ("stylegan2", "genforce_stylegan2_256.pt", []),
+    # StyleGAN2's native formats (tests/fixtures/stylegan_native): layers under upstream's names
+    ("stylegan2", "../stylegan_native/sg2ada_uncond_64.pkl", []),
+    ("stylegan2", "../stylegan_native/sg2ada_cond_16.pkl", ["model.class_index=3"]),
+    ("stylegan2", "../stylegan_native/rosinality_64.pt", []),
 ])
-def test_layer_stages_run_for_every_zoo_layout(compose, tmp_path, tiny_wgangp_file, model, checkpoint):
-    """The same stage code on tiny random weights of each layout (the 256px fixtures)."""
-    path = FIXTURE_CKPTS / checkpoint if checkpoint else tiny_wgangp_file
-    overrides = [f"model={model}", f"model.checkpoint={path}", *QUICK, "trainer.max_steps=2",
+def test_layer_stages_run_for_every_zoo_layout(compose, tmp_path, tiny_wgangp_file, model, checkpoint, extra):
+    """The same stage code on tiny random weights of each layout (the 256px fixtures, the native
+    StyleGAN2 snapshots)."""
+    path = (FIXTURE_CKPTS / checkpoint).resolve() if checkpoint else tiny_wgangp_file
+    overrides = [f"model={model}", f"model.checkpoint={path}", *extra, *QUICK, "trainer.max_steps=2",
                  "trainer.val_check_interval=2", "stage.batch_size=2", "stage.val_size=2",
                  "stage.grid_size=2"]
     # stage layer1 through the real entry point: its inverter predicts the latent (z, or w+)
@@ -373,7 +378,7 @@ def test_layer_stages_run_for_every_zoo_layout(compose, tmp_path, tiny_wgangp_fi
     assert Path(cfg.output_dir) == out.parent
     record = read_inversion_file(out, "inverter")
     (layer, rec), = record["inverters"].items()
-    generator = load_generator(path)
+    generator = hydra.utils.instantiate(cfg.model.generator)
     latent_name = "mapping" if model.startswith("stylegan") else "z"
     assert rec["spec"]["target"] == latent_name
     assert math.isfinite(metrics[f"val/corr_{latent_name}"])

@@ -145,12 +145,13 @@ def test_bad_stylegan3_input_is_refused_clearly(tmp_path):
     with pytest.raises(TypeError, match=r"nvlabs_stylegan3 takes no option\(s\) \['truncation_layers'\]"):
         load_generator(T64, truncation_layers=8)
     missing = tmp_path / "stylegan3-t-ffhqu-256x256.pkl"
-    with pytest.raises(FileNotFoundError, match=r"stylegan3-t-ffhqu-256x256\.pkl\. Expected a local NVlabs StyleGAN3 "
-                                                r"snapshot.*never downloaded"):
+    with pytest.raises(FileNotFoundError, match=r"stylegan3-t-ffhqu-256x256\.pkl\. Expected a local copy of one of: "
+                                                r"stylegan3-t-ffhqu-256x256\.pkl.*never downloaded"):
         load_generator(missing, layout="stylegan3")
-    with pytest.raises(ValueError, match=r"rosinality_64\.pt is not an NVlabs StyleGAN3 snapshot pickle"):
+    with pytest.raises(ValueError, match=r"rosinality_64\.pt has layout rosinality_stylegan2 \(model=stylegan2\) but "
+                                         r"layout='stylegan3'.*choose model=stylegan2"):
         load_generator(NATIVE / "rosinality_64.pt", layout="stylegan3")
-    with pytest.raises(ValueError, match=r"holds a StyleGAN3 \(layout nvlabs_stylegan3, model=stylegan3\) but "
+    with pytest.raises(ValueError, match=r"sg3_t_64\.pkl has layout nvlabs_stylegan3 \(model=stylegan3\) but "
                                          r"layout='stylegan2'"):
         load_generator(T64, layout="stylegan2")
     with pytest.raises(ValueError, match="truncation_cutoff"):

@@ -14,6 +14,9 @@ Resolvers (registered on import; ``train.py`` and ``evaluate.py`` import this mo
   world drawn on both sides must not draw the same images twice;
 * ``${run_dir:readable}``: the folder of this run's identity: the readable path for the preset's
   run, else a sibling named for what changed (:mod:`seeing.identity`);
+* ``${inversion_preset:checkpoint,model}``: the default ``model.inversion_layers`` of a model
+  whose checkpoint formats name their layers differently (``model=stylegan2``: genforce, NVlabs,
+  rosinality), recognised from the file (:func:`seeing.gans.loading.inversion_preset`);
 * ``${reconstruct_targets:kind,chosen,default,model_args}``: the photos ``stage=reconstruct``
   reconstructs: none for ``kind=generated``, else the ``real=`` source when one was chosen, else
   the recipe's default (the embedded world's held-out scenes); a public model's recipe has
@@ -77,13 +80,19 @@ def reconstruct_targets(kind: str, chosen: Any, default: Any, model_args: str = 
     raise RequiredChoice(missing_targets_message(model_args))
 
 
+def inversion_preset(checkpoint: Any, model: str) -> list[str]:
+    from seeing.gans.loading import inversion_preset as preset  # (torch is imported on first use only)
+
+    return preset(checkpoint, model)
+
+
 def register_resolvers() -> None:
     from seeing.identity import run_dir
     from seeing.stage_files import model_args
 
     for name, fn in (("model_id", model_id), ("model_args", model_args), ("path_stem", path_stem),
                      ("side_offset", side_offset), ("reconstruct_targets", reconstruct_targets),
-                     ("run_dir", run_dir)):
+                     ("run_dir", run_dir), ("inversion_preset", inversion_preset)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -13,6 +13,7 @@ import json
 import os
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -109,7 +110,11 @@ def load_torch_file(path: str | Path, what: str, fix: str) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"no {what} at {path}. {fix}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch notes a pickle protocol above 2 before it reads (or refuses) the file; what is
+            # wrong with such a file is the error below, the note is noise
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - torch raises OSError, KeyError, RuntimeError, UnpicklingError...

@@ -21,6 +21,13 @@ from torch import nn
 LATENT = "z"
 
 
+def module_key(name: str) -> str:
+    """The key a layer named ``name`` has in module containers (``nn.ModuleDict`` and the like
+    refuse dots, which upstream names such as NVlabs' ``b8.conv0`` or rosinality's ``convs.0``
+    hold): the name with dots as underscores."""
+    return name.replace(".", "_")
+
+
 class LayeredGenerator(nn.Module):
     """Wraps ordered named layers; the first consumes the latent, the last emits the image.
 
@@ -43,7 +50,11 @@ class LayeredGenerator(nn.Module):
         layers = OrderedDict(layers)
         if LATENT in layers:
             raise ValueError(f"'{LATENT}' names the latent and cannot name a layer")
-        self.layers = nn.ModuleDict(layers)
+        keys = [module_key(name) for name in layers]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"layer names {list(layers)} collide once dots become underscores")
+        self.layers = nn.ModuleDict(zip(keys, layers.values()))
+        self._layer_names = list(layers)
         self.z_dim = int(z_dim)
         self.resolution = int(resolution)
         self.latent_shape = tuple(latent_shape) if latent_shape is not None else (self.z_dim,)
@@ -51,7 +62,7 @@ class LayeredGenerator(nn.Module):
     # ------------------------------------------------------------------ names
     @property
     def layer_names(self) -> list[str]:
-        return list(self.layers.keys())
+        return list(self._layer_names)
 
     def index(self, name: str | None) -> int:
         """Position of the *output* of ``name`` in the chain: 0 for the latent ("z" or None)."""
@@ -63,7 +74,8 @@ class LayeredGenerator(nn.Module):
             raise KeyError(f"unknown layer {name!r}; layers are {[LATENT] + self.layer_names}") from None
 
     def layer(self, name: str) -> nn.Module:
-        return self.layers[name]
+        self.index(name)  # a clear KeyError for unknown names
+        return self.layers[module_key(name)]
 
     # ---------------------------------------------------------------- latents
     def sample_z(self, n: int, seed: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
@@ -116,7 +128,7 @@ class LayeredGenerator(nn.Module):
         if end < begin:
             raise ValueError(f"layer {stop!r} comes before {start!r}")
         for name in self.layer_names[begin:end]:
-            x = self.layers[name](x)
+            x = self.layers[module_key(name)](x)
         return x
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -136,7 +148,7 @@ class LayeredGenerator(nn.Module):
             out[LATENT] = x
         begin = self.index(start)
         for name in self.layer_names[begin:deepest]:
-            x = self.layers[name](x)
+            x = self.layers[module_key(name)](x)
             if name in wanted:
                 out[name] = x
         return {n: out[n] for n in wanted if n in out}

@@ -155,7 +155,7 @@ class StyleGAN2Generator(StyleGenerator):
 
     Args:
         z_dim, w_dim, widths, mapping_layers: sizes (read from the checkpoint by the loader).
-        truncation_psi, truncation_layers: truncation applied by the ``mapping`` layer.
+        truncation_psi, truncation_layers: truncation applied by the ``mapping`` layer (layers None: every row).
         clamp_output: clamp the image to [-1, 1].
     """
 
@@ -163,7 +163,7 @@ class StyleGAN2Generator(StyleGenerator):
 
     def __init__(self, z_dim: int = 512, w_dim: int = 512,
                  widths: Sequence[int] = (512, 512, 512, 512, 512, 256, 128), mapping_layers: int = 8,
-                 truncation_psi: float = 1.0, truncation_layers: int = 8, clamp_output: bool = True):
+                 truncation_psi: float = 1.0, truncation_layers: int | None = 8, clamp_output: bool = True):
         widths = [int(c) for c in widths]
         num_ws = 2 * len(widths)
         mapping = Mapping(z_dim, w_dim, num_ws, mapping_layers, lr_mul=0.01, weight_gain=1.0,

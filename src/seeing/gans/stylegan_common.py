@@ -70,35 +70,41 @@ class MappingDense(nn.Module):
 class Mapping(nn.Module):
     """z -> w by pixel norm and dense layers, then w -> w+ with optional truncation.
 
-    Truncation moves the first ``truncation_layers`` rows of w+ toward ``w_avg``:
-    ``w_avg + psi * (w - w_avg)``; ``psi = 1`` or ``truncation_layers = 0`` disables it.
+    Truncation moves the first ``truncation_layers`` rows of w+ (every row when it is None)
+    toward ``w_avg``: ``w_avg + psi * (w - w_avg)``; ``psi = 1`` or ``truncation_layers = 0``
+    disables it. ``label_features``: width of an embedded class label that a conditional
+    subclass concatenates to the normalised z before the first dense layer.
     """
 
     def __init__(self, z_dim: int, w_dim: int, num_ws: int, num_layers: int = 8, hidden: int | None = None,
                  lr_mul: float = 0.01, weight_gain: float = math.sqrt(2), activation_gain: float = 1.0,
-                 truncation_psi: float = 1.0, truncation_layers: int = 8):
+                 truncation_psi: float = 1.0, truncation_layers: int | None = 8, label_features: int = 0):
         super().__init__()
         hidden = hidden or w_dim
-        dims = [z_dim] + [hidden] * (num_layers - 1) + [w_dim]
+        dims = [z_dim + label_features] + [hidden] * (num_layers - 1) + [w_dim]
         for i in range(num_layers):
             self.add_module(f"dense{i}", MappingDense(dims[i], dims[i + 1], lr_mul, weight_gain, activation_gain))
         self.num_layers = num_layers
+        self.z_dim = z_dim
         self.register_buffer("w_avg", torch.zeros(w_dim))
         self.num_ws = num_ws
         self.truncation_psi = float(truncation_psi)
-        self.truncation_layers = int(truncation_layers)
+        self.truncation_layers = None if truncation_layers is None else int(truncation_layers)
+
+    def dense_stack(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(self.num_layers):
+            x = getattr(self, f"dense{i}")(x)
+        return x
 
     def map_z(self, z: torch.Tensor) -> torch.Tensor:
-        w = pixel_norm(z)
-        for i in range(self.num_layers):
-            w = getattr(self, f"dense{i}")(w)
-        return w
+        return self.dense_stack(pixel_norm(z))
 
     def truncate(self, ws: torch.Tensor) -> torch.Tensor:
-        if self.truncation_psi == 1.0 or self.truncation_layers <= 0:
+        rows = self.num_ws if self.truncation_layers is None else self.truncation_layers
+        if self.truncation_psi == 1.0 or rows <= 0:
             return ws
         psi = torch.ones(self.num_ws, 1, dtype=ws.dtype, device=ws.device)
-        psi[: self.truncation_layers] = self.truncation_psi
+        psi[:rows] = self.truncation_psi
         return self.w_avg + (ws - self.w_avg) * psi
 
     def forward(self, z: torch.Tensor) -> StyledState:
@@ -129,7 +135,7 @@ class StyleGenerator(LayeredGenerator):
     def __init__(self, mapping: Mapping, synthesis: Sequence[tuple[str, nn.Module]], output: StyleOutput,
                  resolution: int):
         layers = [("mapping", mapping), *synthesis, ("output", output)]
-        super().__init__(layers, z_dim=mapping.dense0.weight.shape[1], resolution=resolution)
+        super().__init__(layers, z_dim=mapping.z_dim, resolution=resolution)
         self.w_dim = int(mapping.w_avg.shape[0])
         self.num_ws = mapping.num_ws
 

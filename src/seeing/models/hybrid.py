@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from seeing.state_dicts import fingerprint
-from seeing.gans.layered import LATENT, LayeredGenerator
+from seeing.gans.layered import LATENT, LayeredGenerator, module_key
 from seeing.reporting import load_format_file, torch_save_atomic
 
 from seeing.models import ganseeing_layout
@@ -100,7 +100,8 @@ class HybridEncoder(nn.Module):
                 raise ValueError(f"inverter of {name} predicts {inverters[name].spec.target!r}, "
                                  f"expected {expected!r}")
         self.image_encoder = image_encoder
-        self.inverters = nn.ModuleDict(dict(inverters))
+        # held under module keys (containers refuse the dots of names such as NVlabs' b8.conv0)
+        self.inverters = nn.ModuleDict({module_key(n): m for n, m in inverters.items()})
         self.latent_name = inverters[self.layers[0]].spec.target
         self.meta = dict(meta or {})
 
@@ -109,8 +110,9 @@ class HybridEncoder(nn.Module):
         r = self.image_encoder(image)
         out = {self.target: r}
         for name in reversed(self.layers):
-            r = self.inverters[name](r)
-            out[self.inverters[name].spec.target] = r
+            inverter = self.inverters[module_key(name)]
+            r = inverter(r)
+            out[inverter.spec.target] = r
         out[LATENT] = r
         return out
 
@@ -126,7 +128,7 @@ class HybridEncoder(nn.Module):
             "format": FORMAT,
             "kind": "hybrid",
             "layers": list(self.layers),
-            "inverters": {n: module_record(m, half) for n, m in self.inverters.items()},
+            "inverters": {n: module_record(self.inverters[module_key(n)], half) for n in self.layers},
             "encoder": module_record(self.image_encoder, half),
             "meta": dict(self.meta),
         }

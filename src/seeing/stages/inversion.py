@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from torchmetrics import MeanSquaredError
 
 from seeing.frozen import freeze
-from seeing.gans.layered import LATENT, LayeredGenerator
+from seeing.gans.layered import LATENT, LayeredGenerator, module_key
 from seeing.reporting import save_figure, write_json
 
 from seeing.metrics.correlation import MeanCorrelation, correlation_error
@@ -205,11 +205,12 @@ class InversionStage(pl.LightningModule):
     def _log_metric(self, kind: str, name: str, est: torch.Tensor, target: torch.Tensor) -> None:
         # metrics appear with the first validation batch (their names depend on the stage)
         key = f"{kind}_{name}"
-        if key not in self.val_metrics:
-            self.val_metrics[key] = (MeanCorrelation() if kind == "corr" else MeanSquaredError()).to(self.device)
-        metric = self.val_metrics[key]
+        attribute = module_key(key)  # module containers refuse dots (NVlabs' b8.conv0)
+        if attribute not in self.val_metrics:
+            self.val_metrics[attribute] = (MeanCorrelation() if kind == "corr" else MeanSquaredError()).to(self.device)
+        metric = self.val_metrics[attribute]
         metric.update(est.float(), target.float())
-        self.log(f"val/{key}", metric, metric_attribute=f"val_metrics.{key}",
+        self.log(f"val/{key}", metric, metric_attribute=f"val_metrics.{attribute}",
                  prog_bar=kind == "corr" and name in (self.inversion_layers[-1], LATENT))
 
     def on_validation_epoch_start(self) -> None:

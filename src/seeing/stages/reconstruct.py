@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from seeing.frozen import freeze
-from seeing.gans.layered import LATENT, LayeredGenerator
+from seeing.gans.layered import LATENT, LayeredGenerator, module_key
 from seeing.models.hybrid import latent_value
 from seeing.gans.values import feature_tensor, with_feature
 from seeing.reporting import load_format_file, torch_save_atomic
@@ -93,7 +93,7 @@ def render(generator: LayeredGenerator, latents: torch.Tensor, deltas: Mapping[s
     x = t if latent_name == LATENT else latent_value(generator, latent_name, t)
     # (layers before the first correction build no graph: nothing there requires grad)
     for name in generator.layer_names[generator.index(latent_name):]:
-        x = generator.layers[name](x)
+        x = generator.layer(name)(x)
         if name in deltas:
             x = with_feature(x, feature_tensor(x) + deltas[name].to(feature_tensor(x).dtype))
         if name in record:
@@ -200,7 +200,7 @@ class Reconstructor(pl.LightningModule):
         shapes = feature_shapes(generator, self.init_latents, self.positions, latent_name)
         self.chunks = [(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]
         self.deltas = nn.ModuleList(
-            nn.ParameterDict({p: nn.Parameter(torch.zeros(e - s, *shapes[p])) for p in self.positions})
+            nn.ParameterDict({module_key(p): nn.Parameter(torch.zeros(e - s, *shapes[p])) for p in self.positions})
             for s, e in self.chunks
         )
 
@@ -232,7 +232,8 @@ class Reconstructor(pl.LightningModule):
 
     # ------------------------------------------------------------- rendering
     def chunk_deltas(self, c: int) -> dict[str, torch.Tensor]:
-        return dict(self.deltas[c].items())
+        # (parameter containers refuse dots: they hold each position under its module key)
+        return {p: self.deltas[c][module_key(p)] for p in self.positions}
 
     def render_chunk(self, c: int, zero: bool = False, record: Sequence[str] = ()):
         s, e = self.chunks[c]
