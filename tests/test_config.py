@@ -28,8 +28,8 @@ def test_trainer_overrides_reach_the_trainer_of_every_stage(compose, stage):
     assert "bf16" in str(trainer.precision)
     # and without the override, the stage's own preset applies (a number, or the model's recipe's)
     default = compose("train", [f"stage={stage}"])
-    own, layer = (OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "stage" / f"{name}.yaml"))
-                  for name in (stage, "layer"))
+    own, layer = (OmegaConf.to_container(OmegaConf.load(REPO / "conf" / path))
+                  for path in (f"stage/{stage}.yaml", "_base/layer_stage.yaml"))
     raw = own.get("trainer", {}).get("max_steps", layer["trainer"]["max_steps"])
     if isinstance(raw, str) and raw.startswith("${recipe."):
         raw = OmegaConf.select(default, raw[2:-1])
