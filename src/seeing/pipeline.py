@@ -36,6 +36,19 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(c) for c in group.values() if c is not None and "_target_" in c]
 
 
+def without_logger_callbacks(callbacks: list[Any], loggers: list[Any]) -> list[Any]:
+    """With no logger (``~logger``, as lightning-hydra-template turns logging off), the callbacks
+    that only feed loggers are left out: Lightning would stop the run in them."""
+    from pytorch_lightning.callbacks import DeviceStatsMonitor, LearningRateMonitor
+
+    if loggers:
+        return callbacks
+    dropped = [c for c in callbacks if isinstance(c, (LearningRateMonitor, DeviceStatsMonitor))]
+    if dropped:
+        log.info("no logger: left out %s", ", ".join(type(c).__name__ for c in dropped))
+    return [c for c in callbacks if c not in dropped]
+
+
 def resolve_ckpt_path(cfg: DictConfig, identity: RunIdentity | None = None) -> str | None:
     """``ckpt_path=last`` resumes from the stage's own last checkpoint when there is one; any
     checkpoint resumed must have been written by this very identity (:func:`check_checkpoint_identity`)."""
@@ -185,7 +198,7 @@ def train(cfg: DictConfig) -> Any:
     claim(cfg, identity)
     callbacks = instantiate_group(cfg.get("callbacks")) + ([IdentityStamp(identity)] if identity else [])
     loggers = build_loggers(cfg)
-    trainer = build_trainer(cfg, callbacks, loggers or False)
+    trainer = build_trainer(cfg, without_logger_callbacks(callbacks, loggers), loggers or False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     outputs = []
     if hasattr(module, "export") and trainer.is_global_zero:  # written once, by process 0
