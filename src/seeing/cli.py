@@ -6,9 +6,10 @@
   the config, while resolving the run's folder, or the run met it before any work. Other errors
   keep their traceback. ``SEEING_DEBUG=1`` (or ``HYDRA_FULL_ERROR=1``) shows the traceback of a
   mistake too.
-- :func:`task` is the body of that function: it imports the pipeline only once the config has
-  composed (so a mistake in the command line is reported in about a second, and ``--help``
-  prints at once), runs it, and on a mistake removes the run folder Hydra made for it when it
+- :func:`task` is the body of that function: it validates the config
+  (:func:`seeing.validation.validate`) and only then imports the pipeline (torch, Lightning), so a
+  mistake in the command line is reported in about a second, and ``--help`` prints at once; it runs
+  the pipeline, and on a mistake removes the run folder Hydra made for it when it
   holds nothing but Hydra's own files.
 """
 from __future__ import annotations
@@ -56,9 +57,12 @@ def run(main: Callable[[], Any]) -> None:
 
 def task(entry: str, cfg: Any) -> Any:
     """``seeing.pipeline.train(cfg)`` or ``evaluate(cfg)``; see the module docstring."""
-    from seeing import pipeline
-
     try:
+        from seeing.validation import validate
+
+        validate(cfg)  # before importing torch and Lightning (seconds): a mistake is reported at once
+        from seeing import pipeline
+
         return getattr(pipeline, entry)(cfg)
     except Exception as err:
         if mistake_message(err) is None:

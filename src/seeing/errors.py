@@ -36,8 +36,8 @@ class StopBeforeWork(SystemExit):
     callbacks): a SystemExit passes through them. ``code`` is the message, so that without the
     entry points' handler Python still prints it."""
 
-    def __init__(self, error: BaseException):
-        super().__init__(mistake_message(error) or str(error))
+    def __init__(self, error: BaseException, message: str | None = None):
+        super().__init__(message or mistake_message(error) or str(error))
         self.error = error
 
 

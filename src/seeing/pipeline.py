@@ -19,10 +19,11 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from seeing.config import check_config, instantiate, resolved, run_identity
+from seeing.config import instantiate, resolved, run_identity
 from seeing.identity import RunIdentity, changed_settings, current_identity
 from seeing.provenance import changed_inputs, completed_record, current, finish_run, reset_inputs, start_run
 from seeing.stages.trainer import build_trainer
+from seeing.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ def objective(cfg: DictConfig, metrics: dict[str, float]) -> Any:
 
 
 def train(cfg: DictConfig) -> Any:
-    check_config(cfg, [k for k in cfg.keys() if k != "model"])
+    validate(cfg)
     set_threads()
     identity, done = begin(cfg, str(cfg.stage.name))
     if done:
@@ -219,14 +220,18 @@ def train(cfg: DictConfig) -> Any:
 
 
 def evaluate(cfg: DictConfig) -> Any:
-    """Each ``metric`` config names a ``run`` function taking the whole config."""
-    check_config(cfg, [k for k in cfg.keys() if k != "model"])
+    """Each ``metric`` config names a ``run`` function taking the whole config; a ``check(cfg)``
+    function beside it (the FSD report's opens both image sources) runs before the folder is claimed."""
+    validate(cfg)
     set_threads()
     identity, done = begin(cfg, str(cfg.metric.name))
     if done:
         return done.get("metrics")
-    claim(cfg, identity)
     run = hydra.utils.get_method(cfg.metric.run)
+    check = getattr(__import__(run.__module__, fromlist=["check"]), "check", None)
+    if callable(check):
+        check(cfg)
+    claim(cfg, identity)
     result = run(cfg)
     print(f"[{cfg.metric.name}] outputs in {cfg.output_dir}")
     finish_run([], summary_numbers(result), summary_line(result))
