@@ -119,6 +119,12 @@ def detect_layout(state_dict: Mapping[str, Any]) -> str:
                      f"Closest is {closest.name}; {detail}")
 
 
+def _in_file(path: Path | None, err: Exception, expected: str = "") -> ValueError:
+    """``err`` with the checkpoint file it is about (and the layout it should have) in front."""
+    where = f"model.checkpoint={path}" if path is not None else "generator state dict"
+    return ValueError(f"{where}: {err}" + (f"; {expected}" if expected else ""))
+
+
 def _missing_file_error(path: Path, allowed: tuple[str, ...]) -> FileNotFoundError:
     expected = "; ".join(f"{', '.join(LAYOUTS[n].public_files)} ({LAYOUTS[n].description}, layout {n})"
                          for n in allowed)
@@ -174,18 +180,27 @@ def load_generator(source: str | os.PathLike | Mapping[str, Any], layout: str = 
             StyleGAN and StyleGAN2.
     """
     allowed = _allowed_layouts(layout)
+    path = Path(source).expanduser() if isinstance(source, (str, os.PathLike)) else None
     state_dict, stored_layout, meta = read_checkpoint(source, layout)
-    name = stored_layout if stored_layout is not None else detect_layout(state_dict)
+    try:
+        name = stored_layout if stored_layout is not None else detect_layout(state_dict)
+    except ValueError as err:
+        raise _in_file(path, err) from err
     if name not in LAYOUTS:
-        raise ValueError(f"checkpoint declares unknown layout {name!r}. Known layouts: {_known_layouts()}")
+        raise _in_file(path, ValueError(f"checkpoint declares unknown layout {name!r}. Known layouts: "
+                                        f"{_known_layouts()}"))
     if name not in allowed:
-        raise ValueError(f"checkpoint has layout {name} (model={LAYOUTS[name].model}) but layout={layout!r} "
-                         f"was asked for, which allows {list(allowed)}")
+        raise _in_file(path, ValueError(f"checkpoint has layout {name} (model={LAYOUTS[name].model}) but "
+                                        f"layout={layout!r} was asked for, which allows {list(allowed)}"))
     spec = LAYOUTS[name]
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
         raise TypeError(f"layout {name} takes no option(s) {unknown}; it accepts {list(spec.options)}")
-    generator = spec.build(as_float32(state_dict), **options)
+    try:
+        generator = spec.build(as_float32(state_dict), **options)
+    except ValueError as err:  # a key missing or mis-shaped: named as the file spells it
+        raise _in_file(path, err, f"expected a complete {spec.description} checkpoint (layout {name}, as "
+                                  f"{', '.join(spec.public_files)})") from err
     generator.eval().requires_grad_(requires_grad)
     generator.checkpoint_meta = meta
     return generator
