@@ -149,6 +149,12 @@ def check_config(cfg: DictConfig, roots: Iterable[str]) -> None:
         if f"{side}.path" in missing:
             hints.append(f"{side}={cfg[side].get('_target_', '?').rsplit('.', 1)[-1]} reads files: add "
                          f"{side}.path=/path/to/images")
+    if "segmenter.path" in missing:
+        hints.append(f"segmenter={cfg.segmenter.get('name', '?')} reads local weights: add "
+                     f"segmenter.path=/path/to/its/folder (conf/segmenter/{cfg.segmenter.get('name', '?')}.yaml "
+                     f"says what it holds)")
+    if "trainer.devices" in missing:
+        hints.append("say how many devices (GPUs per node) it runs on: add trainer.devices=N")
     raise ValueError(f"missing required settings: {', '.join(missing)}." + "".join(f" {h}." for h in hints))
 
 
