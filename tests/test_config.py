@@ -141,7 +141,7 @@ def test_unknown_variant_fails_listing_the_variants_and_writes_nothing(tmp_path)
     runs = tmp_path / "runs"
     done = run_entry("train", ["stage=reconstruct", "variant=z", f"paths.run_root={runs}"], tmp_path, check=False)
     assert done.returncode != 0
-    assert "Could not find 'variant/z'" in done.stderr and all(f"\t{v}\n" in done.stderr for v in "abcdef")
+    assert "Could not find 'variant/z'. Available options in 'variant': a, b, c, d, e, f" in done.stderr
     assert not runs.exists()
     # in a sweep, the bad value fails before the good one runs
     done = run_entry("train", ["-m", "stage=reconstruct", "variant=b,zz", f"paths.run_root={runs}"], tmp_path,

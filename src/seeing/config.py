@@ -154,7 +154,7 @@ def check_config(cfg: DictConfig, roots: Iterable[str]) -> None:
                      f"segmenter.path=/path/to/its/folder (conf/segmenter/{cfg.segmenter.get('name', '?')}.yaml "
                      f"says what it holds)")
     if "trainer.devices" in missing:
-        hints.append("say how many devices (GPUs per node) it runs on: add trainer.devices=N")
+        hints.append("Say how many devices (GPUs per node) it runs on: add trainer.devices=N")
     raise ValueError(f"missing required settings: {', '.join(missing)}." + "".join(f" {h}." for h in hints))
 
 

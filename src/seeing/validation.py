@@ -185,7 +185,8 @@ class CheckEveryJob(_HydraCallback):
                 if message is None:
                     return
                 which = " ".join(o for o in job if o.split("=", 1)[0].lstrip("+~") in swept)
-                raise StopBeforeWork(err, f"job {i} of {len(jobs)} ({which}): {message}; no job was run") from err
+                job_name = f"job {i} of {len(jobs)}" + (f" ({which})" if which else "")
+                raise StopBeforeWork(err, f"{job_name}: {message.rstrip('.')}; no job was run") from err
 
 
 def _varying(jobs: list[list[str]]) -> dict[str, bool]:
