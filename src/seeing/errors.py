@@ -131,6 +131,9 @@ def mistake_message(err: BaseException | None) -> str | None:
         return one_line(str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err))
     if isinstance(err, _hydra_kinds()):
         text, cause = str(err), err.__cause__
+        override = getattr(err, "override", None)  # an override Hydra cannot parse
+        if override and override not in text:
+            text = f"cannot read the override {override!r}: {text}"
         if cause is not None and str(cause) and str(cause).splitlines()[0] not in text:
             text += f" ({str(cause).splitlines()[0]})"
         return one_line(text)
