@@ -231,14 +231,18 @@ def open_sources(cfg: DictConfig) -> tuple[ImageSource, ImageSource]:
     from seeing.config import instantiate
     from seeing.errors import UsageError
 
-    sources = []
+    sources: list[ImageSource] = []
     for side in ("real", "fake"):
         try:
             source = instantiate(cfg[side])
             source.check()
         except (ValueError, OSError) as err:
             fix = f"; point {side}.path at the images" if "path" in cfg[side] else ""
-            raise UsageError(f"{_choice(cfg, side)}: {err}{fix}") from err
+            message = f"{_choice(cfg, side)}: {err}{fix}"
+            if len(err.args) == 1 and isinstance(err.args[0], str):  # the same error, saying which side
+                err.args = (message,)
+                raise
+            raise UsageError(message) from err
         sources.append(source)
     return sources[0], sources[1]
 
