@@ -108,9 +108,6 @@ FILE_MISTAKES = {  # make the bad input, the arguments, what the one line must s
     "a fake folder that is not there": (
         lambda t: t / "nowhere", lambda p: ["metric=fsd", "fake=folder", f"fake.path={p}"],
         lambda p: f"fake=folder: image folder {p} does not exist"),
-    "an empty real folder": (
-        lambda t: (t / "empty").mkdir() or t / "empty", lambda p: ["metric=fsd", "real=folder", f"real.path={p}"],
-        lambda p: f"real=folder: no image files"),
     "an invalid lmdb": (
         _not_lmdb, lambda p: ["metric=fsd", "fake=lsun", f"fake.path={p}"],
         lambda p: f"fake=lsun: {p} is not a readable lmdb database"),
