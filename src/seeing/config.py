@@ -241,9 +241,11 @@ class CheckRunRoot(_HydraCallback):
         root = OmegaConf.select(config, "paths.run_root")
         problem = unwritable_folder_problem(root) if root else None
         if problem:
-            # SystemExit: Hydra turns a callback's exceptions into warnings and goes on to fail anyway
-            raise SystemExit(f"Error: paths.run_root={root} cannot be written ({problem}): make it writable or "
-                             f"point paths.run_root (or $SEEING_RUNS) at a folder you can write")
+            from seeing.errors import StopBeforeWork, UsageError
+
+            # a SystemExit: Hydra turns a callback's exceptions into warnings and goes on to fail anyway
+            raise StopBeforeWork(UsageError(f"paths.run_root={root} cannot be written ({problem}): make it writable "
+                                            f"or point paths.run_root (or $SEEING_RUNS) at a folder you can write"))
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config)

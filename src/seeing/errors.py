@@ -17,6 +17,8 @@ and the fix>``, and exit with status 2, with no traceback (``SEEING_DEBUG=1`` or
 """
 from __future__ import annotations
 
+import ast
+import functools
 import linecache
 import re
 import sys
@@ -53,7 +55,18 @@ def _raised_here(err: BaseException) -> bool:
         filename.resolve().relative_to(PACKAGE)
     except ValueError:
         return False
-    return linecache.getline(str(filename), tb.tb_lineno).lstrip().startswith("raise")
+    return tb.tb_lineno in _raise_lines(str(filename))
+
+
+@functools.lru_cache(maxsize=64)
+def _raise_lines(filename: str) -> frozenset[int]:
+    """Every line a ``raise`` statement of the file spans (a message may take several lines)."""
+    try:
+        tree = ast.parse("".join(linecache.getlines(filename)))
+    except SyntaxError:  # pragma: no cover - the file ran
+        return frozenset()
+    return frozenset(line for node in ast.walk(tree) if isinstance(node, ast.Raise)
+                     for line in range(node.lineno, (node.end_lineno or node.lineno) + 1))
 
 
 def one_line(text: str) -> str:
