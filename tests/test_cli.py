@@ -70,7 +70,7 @@ def test_the_debug_switch_shows_the_traceback(tmp_path):
     assert not (tmp_path / "runs" / "scenes_progan" / "layer1").exists()  # still no folder left behind
 
 
-# ------------------------------------------------------------------ bad files, named before long work
+# ------------------------------------------------------------------ bad files (and settings), named before long work
 def _genforce_without(tmp_path: Path, key: str) -> Path:
     state = dict(torch.load(FIXTURES / "checkpoints" / "genforce_pggan_256.pt", weights_only=True)["state_dict"])
     del state[key]
@@ -124,6 +124,9 @@ FILE_MISTAKES = {  # make the bad input, the arguments, what the one line must s
     "a damaged VGG file": (
         _damaged, lambda p: ["stage=reconstruct", "stage.loss.perceptual=vgg", f"stage.loss.vgg_path={p}"],
         lambda p: f"{p} (1028 bytes) is not a readable PyTorch checkpoint"),
+    "a trainer setting Lightning refuses": (
+        lambda t: t, lambda p: ["stage=layer1", "trainer.precision=64-wrong"],
+        lambda p: "a trainer.* setting is refused by Lightning: Precision '64-wrong' is invalid"),
 }
 FILE_DETAILS = {  # more of what the line says: the key as the file spells it, the expected layout
     "a genforce file without a tensor": ("missing keys: layer3.weight;", "genforce model zoo ProGAN"),

@@ -122,9 +122,10 @@ def set_threads() -> None:
         torch.set_num_threads(int(n))
 
 
-def build_loggers(cfg: DictConfig) -> list[Any]:
+def build_loggers(cfg: DictConfig, log_config: bool = True) -> list[Any]:
     """The ``logger`` group; a W&B logger is named for the run, grouped by its grid, typed by its
-    stage, and every logger records the resolved config."""
+    stage, and every logger records the resolved config (``log_config=False``: not yet, nothing
+    is written; :func:`log_resolved_config` does it)."""
     from pytorch_lightning.loggers import WandbLogger
 
     loggers = []
@@ -133,10 +134,32 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
             continue
         wandb = hydra.utils.get_class(node._target_) is WandbLogger
         loggers.append(hydra.utils.instantiate(node, **(run_identity(cfg) if wandb else {})))
+    if log_config:
+        log_resolved_config(cfg, loggers)
+    return loggers
+
+
+def log_resolved_config(cfg: DictConfig, loggers: list[Any]) -> None:
     config = resolved(cfg)
     for lg in loggers:
         lg.log_hyperparams(config)
-    return loggers
+
+
+def checked_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> pl.Trainer:
+    """The Trainer; a ``trainer.*`` value Lightning refuses (``trainer.precision=64-wrong``) is a mistake
+    in the config, reported as one, naming the trainer settings."""
+    from hydra.errors import InstantiationException
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    from seeing.errors import UsageError
+
+    try:
+        return build_trainer(cfg, without_logger_callbacks(callbacks, loggers), loggers or False)
+    except (InstantiationException, MisconfigurationException) as err:
+        cause = err.__cause__ if isinstance(err, InstantiationException) else err
+        if not isinstance(cause, (ValueError, TypeError, MisconfigurationException)):
+            raise
+        raise UsageError(f"a trainer.* setting is refused by Lightning: {cause}") from err
 
 
 def begin(cfg: DictConfig, name: str) -> tuple[RunIdentity | None, dict[str, Any] | None]:
@@ -196,10 +219,11 @@ def train(cfg: DictConfig) -> Any:
     datamodule = hydra.utils.instantiate(cfg.data) if "data" in cfg else None
     module = instantiate(cfg.stage)
     ckpt_path = resolve_ckpt_path(cfg, identity)
-    claim(cfg, identity)
     callbacks = instantiate_group(cfg.get("callbacks")) + ([IdentityStamp(identity)] if identity else [])
-    loggers = build_loggers(cfg)
-    trainer = build_trainer(cfg, without_logger_callbacks(callbacks, loggers), loggers or False)
+    loggers = build_loggers(cfg, log_config=False)  # nothing written yet
+    trainer = checked_trainer(cfg, callbacks, loggers)  # a refused trainer.* setting stops before the claim
+    claim(cfg, identity)
+    log_resolved_config(cfg, loggers)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     outputs = []
     if hasattr(module, "export") and trainer.is_global_zero:  # written once, by process 0
