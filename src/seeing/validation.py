@@ -21,10 +21,11 @@ from seeing.errors import StopBeforeWork, UsageError, mistake_message
 # "non-negative" >= 0, "fraction" in [0, 1), "size" a whole number >= 1 or auto
 RULES: dict[str, tuple[str, float]] = {
     **{k: ("whole", 1) for k in ("batch_size", "val_batch_size", "real_batch_size", "segment_batch_size",
-                                 "val_size", "real_val_size", "count", "n", "num_samples", "sample_every",
+                                 "val_size", "real_val_size", "count", "n", "num_samples",
                                  "n_critic", "checkpoint_every", "min_images", "max_rows",
                                  "train_length", "val_length", "test_length", "resamples")},
-    **{k: ("whole", 0) for k in ("steps", "warmup_steps", "grid_size", "figure_images", "top_k",
+    # 0 allowed: no steps, no figure, never (sample_every=0 writes no sample grids)
+    **{k: ("whole", 0) for k in ("steps", "warmup_steps", "grid_size", "figure_images", "top_k", "sample_every",
                                  "max_nonfinite_steps", "offset")},
     **{k: ("positive", 0) for k in ("lr", "gamma")},
     **{k: ("non-negative", 0) for k in ("weight_decay", "min_fraction", "min_region", "min_covered",
