@@ -28,8 +28,8 @@ def test_trainer_overrides_reach_the_trainer_of_every_stage(compose, stage):
     assert "bf16" in str(trainer.precision)
     # and without the override, the stage's own preset applies (a number, or the model's recipe's)
     default = compose("train", [f"stage={stage}"])
-    own, layer = (OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "stage" / f"{name}.yaml"))
-                  for name in (stage, "layer"))
+    own, layer = (OmegaConf.to_container(OmegaConf.load(REPO / "conf" / path))
+                  for path in (f"stage/{stage}.yaml", "_base/layer_stage.yaml"))
     raw = own.get("trainer", {}).get("max_steps", layer["trainer"]["max_steps"])
     if isinstance(raw, str) and raw.startswith("${recipe."):
         raw = OmegaConf.select(default, raw[2:-1])
@@ -141,7 +141,7 @@ def test_unknown_variant_fails_listing_the_variants_and_writes_nothing(tmp_path)
     runs = tmp_path / "runs"
     done = run_entry("train", ["stage=reconstruct", "variant=z", f"paths.run_root={runs}"], tmp_path, check=False)
     assert done.returncode != 0
-    assert "Could not find 'variant/z'" in done.stderr and all(f"\t{v}\n" in done.stderr for v in "abcdef")
+    assert "Could not find 'variant/z'. Available options in 'variant': a, b, c, d, e, f" in done.stderr
     assert not runs.exists()
     # in a sweep, the bad value fails before the good one runs
     done = run_entry("train", ["-m", "stage=reconstruct", "variant=b,zz", f"paths.run_root={runs}"], tmp_path,

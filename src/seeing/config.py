@@ -158,6 +158,12 @@ def check_config(cfg: DictConfig, roots: Iterable[str]) -> None:
         if f"{side}.path" in missing:
             hints.append(f"{side}={cfg[side].get('_target_', '?').rsplit('.', 1)[-1]} reads files: add "
                          f"{side}.path=/path/to/images")
+    if "segmenter.path" in missing:
+        hints.append(f"segmenter={cfg.segmenter.get('name', '?')} reads local weights: add "
+                     f"segmenter.path=/path/to/its/folder (conf/segmenter/{cfg.segmenter.get('name', '?')}.yaml "
+                     f"says what it holds)")
+    if "trainer.devices" in missing:
+        hints.append("Say how many devices (GPUs per node) it runs on: add trainer.devices=N")
     raise ValueError(f"missing required settings: {', '.join(missing)}." + "".join(f" {h}." for h in hints))
 
 
@@ -244,9 +250,11 @@ class CheckRunRoot(_HydraCallback):
         root = OmegaConf.select(config, "paths.run_root")
         problem = unwritable_folder_problem(root) if root else None
         if problem:
-            # SystemExit: Hydra turns a callback's exceptions into warnings and goes on to fail anyway
-            raise SystemExit(f"Error: paths.run_root={root} cannot be written ({problem}): make it writable or "
-                             f"point paths.run_root (or $SEEING_RUNS) at a folder you can write")
+            from seeing.errors import StopBeforeWork, UsageError
+
+            # a SystemExit: Hydra turns a callback's exceptions into warnings and goes on to fail anyway
+            raise StopBeforeWork(UsageError(f"paths.run_root={root} cannot be written ({problem}): make it writable "
+                                            f"or point paths.run_root (or $SEEING_RUNS) at a folder you can write"))
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config)

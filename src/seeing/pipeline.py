@@ -19,11 +19,12 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from seeing.config import check_config, instantiate, resolved, run_identity
+from seeing.config import instantiate, resolved, run_identity
 from seeing.identity import RunIdentity, changed_settings, current_identity
 from seeing.provenance import changed_inputs, completed_record, current, finish_run, reset_inputs, start_run
 from seeing.stages.trainer import build_trainer
 from seeing.third_party import quiet_third_party
+from seeing.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,19 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
     return [hydra.utils.instantiate(c) for c in group.values() if c is not None and "_target_" in c]
+
+
+def without_logger_callbacks(callbacks: list[Any], loggers: list[Any]) -> list[Any]:
+    """With no logger (``~logger``, as lightning-hydra-template turns logging off), the callbacks
+    that only feed loggers are left out: Lightning would stop the run in them."""
+    from pytorch_lightning.callbacks import DeviceStatsMonitor, LearningRateMonitor
+
+    if loggers:
+        return callbacks
+    dropped = [c for c in callbacks if isinstance(c, (LearningRateMonitor, DeviceStatsMonitor))]
+    if dropped:
+        log.info("no logger: left out %s", ", ".join(type(c).__name__ for c in dropped))
+    return [c for c in callbacks if c not in dropped]
 
 
 def resolve_ckpt_path(cfg: DictConfig, identity: RunIdentity | None = None) -> str | None:
@@ -109,9 +123,10 @@ def set_threads() -> None:
         torch.set_num_threads(int(n))
 
 
-def build_loggers(cfg: DictConfig) -> list[Any]:
+def build_loggers(cfg: DictConfig, log_config: bool = True) -> list[Any]:
     """The ``logger`` group; a W&B logger is named for the run, grouped by its grid, typed by its
-    stage, and every logger records the resolved config."""
+    stage, and every logger records the resolved config (``log_config=False``: not yet, nothing
+    is written; :func:`log_resolved_config` does it)."""
     from pytorch_lightning.loggers import WandbLogger
 
     loggers = []
@@ -120,10 +135,32 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
             continue
         wandb = issubclass(hydra.utils.get_class(node._target_), WandbLogger)
         loggers.append(hydra.utils.instantiate(node, **(run_identity(cfg) if wandb else {})))
+    if log_config:
+        log_resolved_config(cfg, loggers)
+    return loggers
+
+
+def log_resolved_config(cfg: DictConfig, loggers: list[Any]) -> None:
     config = resolved(cfg)
     for lg in loggers:
         lg.log_hyperparams(config)
-    return loggers
+
+
+def checked_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any], module: Any = None) -> pl.Trainer:
+    """The Trainer; a ``trainer.*`` value Lightning refuses (``trainer.precision=64-wrong``) is a mistake
+    in the config, reported as one, naming the trainer settings."""
+    from hydra.errors import InstantiationException
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    from seeing.errors import UsageError
+
+    try:
+        return build_trainer(cfg, without_logger_callbacks(callbacks, loggers), loggers or False, module)
+    except (InstantiationException, MisconfigurationException) as err:
+        cause = err.__cause__ if isinstance(err, InstantiationException) else err
+        if not isinstance(cause, (ValueError, TypeError, MisconfigurationException)):
+            raise
+        raise UsageError(f"a trainer.* setting is refused by Lightning: {cause}") from err
 
 
 def begin(cfg: DictConfig, name: str) -> tuple[RunIdentity | None, dict[str, Any] | None]:
@@ -174,7 +211,7 @@ def objective(cfg: DictConfig, metrics: dict[str, float]) -> Any:
 
 def train(cfg: DictConfig) -> Any:
     quiet_third_party()
-    check_config(cfg, [k for k in cfg.keys() if k != "model"])
+    validate(cfg)
     set_threads()
     identity, done = begin(cfg, str(cfg.stage.name))
     if done:
@@ -184,10 +221,11 @@ def train(cfg: DictConfig) -> Any:
     datamodule = hydra.utils.instantiate(cfg.data) if "data" in cfg else None
     module = instantiate(cfg.stage)
     ckpt_path = resolve_ckpt_path(cfg, identity)
-    claim(cfg, identity)
     callbacks = instantiate_group(cfg.get("callbacks")) + ([IdentityStamp(identity)] if identity else [])
-    loggers = build_loggers(cfg)
-    trainer = build_trainer(cfg, callbacks, loggers or False, module)
+    loggers = build_loggers(cfg, log_config=False)  # nothing written yet
+    trainer = checked_trainer(cfg, callbacks, loggers, module)  # a refused trainer.* setting stops before the claim
+    claim(cfg, identity)
+    log_resolved_config(cfg, loggers)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     outputs = []
     if hasattr(module, "export") and trainer.is_global_zero:  # written once, by process 0
@@ -208,15 +246,19 @@ def train(cfg: DictConfig) -> Any:
 
 
 def evaluate(cfg: DictConfig) -> Any:
-    """Each ``metric`` config names a ``run`` function taking the whole config."""
+    """Each ``metric`` config names a ``run`` function taking the whole config; a ``check(cfg)``
+    function beside it (the FSD report's opens both image sources) runs before the folder is claimed."""
     quiet_third_party()
-    check_config(cfg, [k for k in cfg.keys() if k != "model"])
+    validate(cfg)
     set_threads()
     identity, done = begin(cfg, str(cfg.metric.name))
     if done:
         return done.get("metrics")
-    claim(cfg, identity)
     run = hydra.utils.get_method(cfg.metric.run)
+    check = getattr(__import__(run.__module__, fromlist=["check"]), "check", None)
+    if callable(check):
+        check(cfg)
+    claim(cfg, identity)
     result = run(cfg)
     print(f"[{cfg.metric.name}] outputs in {cfg.output_dir}")
     finish_run([], summary_numbers(result), summary_line(result))

@@ -118,8 +118,10 @@ def load_torch_file(path: str | Path, what: str, fix: str) -> Any:
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - torch raises OSError, KeyError, RuntimeError, UnpicklingError...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        reason = reason.split(". ")[0][:160]  # torch's own advice runs on for lines
         raise ValueError(f"{path} ({path.stat().st_size} bytes) is not a readable PyTorch checkpoint: the {what} "
-                         f"is truncated, damaged or of another kind ({type(err).__name__}: {err}). "
+                         f"is truncated, damaged or of another kind ({type(err).__name__}: {reason}). "
                          f"{fix}") from err
     from seeing.provenance import record_input
 

@@ -6,23 +6,29 @@ layout must match the module exactly, and both may build the module on the meta 
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
 
 def load_exact(module: nn.Module, state: Mapping[str, torch.Tensor], what: str,
-               optional: Iterable[str] = ("num_batches_tracked",)) -> None:
+               optional: Iterable[str] = ("num_batches_tracked",), spell: Callable[[str], str] | None = None,
+               expected: str = "") -> None:
     """Load ``state`` into ``module`` requiring the same keys and shapes, with an error that
     lists what is missing, unexpected or mis-shaped. Keys ending in an ``optional`` suffix may
     be absent (old checkpoints predate BatchNorm's ``num_batches_tracked``). ``module`` may
-    live on the meta device; it takes over the state's tensors."""
+    live on the meta device; it takes over the state's tensors.
+
+    ``what`` names the file; ``spell`` maps a key of ``state`` / ``module`` (a loader may have
+    renamed the file's keys) back to the key as the file spells it, so the error names what the
+    person can find in their file; ``expected`` describes the layout the file should have."""
     own = module.state_dict()
     optional = tuple(optional)
-    missing = [k for k in own if k not in state and not k.endswith(optional)]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+    spell = spell or (lambda key: key)
+    missing = [spell(k) for k in own if k not in state and not k.endswith(optional)]
+    unexpected = [spell(k) for k in state if k not in own]
+    wrong = [f"{spell(k)}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
              for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
         def head(items: list[str]) -> str:
@@ -35,7 +41,8 @@ def load_exact(module: nn.Module, state: Mapping[str, torch.Tensor], what: str,
             parts.append(f"unexpected keys: {head(unexpected)}")
         if wrong:
             parts.append(f"shape mismatches: {head(wrong)}")
-        raise ValueError(f"{what}: state dict does not match the expected layout; " + "; ".join(parts))
+        layout = f" ({expected})" if expected else ""
+        raise ValueError(f"{what}: state dict does not match the expected layout{layout}; " + "; ".join(parts))
     full = dict(state)
     for k in own:
         if k not in full:  # an absent optional buffer (a counter): start it at zero

@@ -18,6 +18,10 @@ class ScenesTrainingData(pl.LightningDataModule):
                  val_length: int = 512, test_length: int = 512, seed: int = 0, drop: Sequence[str] = (),
                  drop_fraction: float = 1.0, num_workers: int = 0, **_unused):
         super().__init__()
+        from seeing.validation import check_numbers
+
+        check_numbers({"resolution": resolution, "batch_size": batch_size, "train_length": train_length,
+                       "val_length": val_length, "test_length": test_length}, "data")
         self.resolution, self.batch_size, self.num_workers = resolution, batch_size, num_workers
         common = dict(resolution=resolution, seed=seed, drop=tuple(drop), drop_fraction=drop_fraction)
         self.train_set = ScenesDataset(train_length, offset=0, **common)

@@ -13,7 +13,9 @@ label maps when it knows them (the scenes world does). Sources are built from th
 
 Files that cannot be read or decoded are skipped, counted (``source.skipped``) and
 logged, never fatal: one bad JPEG must not end a tally of 10,000 images. A source
-that holds no images at all is an error.
+that holds no images at all, a missing folder or an unreadable database is an error, found by
+:meth:`ImageSource.check` before any tally. Images of every PIL mode are read at their own
+scale (16-bit greyscale divided by 257, not clipped to white; see :func:`to_rgb`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from seeing.errors import UsageError
 from seeing.state_dicts import fingerprint
 
 log = logging.getLogger(__name__)
@@ -46,7 +49,7 @@ class Batch:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (item, reason) dropped from this batch
 
 
-class EmptySourceError(ValueError):
+class EmptySourceError(UsageError):
     """A source that has no images to give."""
 
 
@@ -67,6 +70,11 @@ class ImageSource:
 
     def describe(self) -> str:
         return self.name
+
+    def check(self) -> None:
+        """Open the source and check that it can give images, before any tally: a missing folder or
+        database, an empty one or an unreadable one is an error naming the path and the fix.
+        Cheap: listings and file headers, no image decoded."""
 
     def batches(
         self, n: int, batch_size: int, resolution: int, extra_offset: int = 0, device: torch.device | str = "cpu"
@@ -165,9 +173,36 @@ def image_transform(resolution: int):
                        v2.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])])
 
 
+# 16-bit greyscale as PIL opens it (PNG, TIFF): 0..65535, so 65535 / 257 = 255
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An 8-bit RGB image of ``img`` at its own scale. ``convert("RGB")`` clips 16- and 32-bit
+    values to 255, so a 16-bit greyscale photo would come out white: those are divided by 257
+    (65535 -> 255); 32-bit integer images (``I``) are read as 16-bit when their values fit, float
+    images (``F``) as 0..1 or 0..255 by their range. An image whose scale cannot be told raises,
+    and the source skips it with that reason (counted and logged)."""
+    if img.mode in ("RGB",):
+        return img
+    if img.mode in _SIXTEEN_BIT or img.mode == "I":
+        values = np.asarray(img, dtype=np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"{img.mode} image with values {values.min()}..{values.max()}: not 8- or 16-bit")
+        return Image.fromarray(np.round(values / 257).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 255:
+            raise ValueError(f"float image with values {low:g}..{high:g}: neither 0..1 nor 0..255")
+        scale = 255.0 if high <= 1.0 else 1.0
+        return Image.fromarray(np.round(values * scale).astype(np.uint8), "L").convert("RGB")
+    return img.convert("RGB")  # 8-bit modes: L, P, RGBA, CMYK, YCbCr, 1, LA, ...
+
+
 def _to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
     """3 x R x R in [-1, 1] (see :func:`image_transform`)."""
-    return image_transform(int(resolution))(img.convert("RGB"))
+    return image_transform(int(resolution))(to_rgb(img))
 
 
 def _decode(data: bytes | str | Path, resolution: int) -> torch.Tensor:
@@ -309,6 +344,9 @@ class ImageFolderSource(ImageSource):
     def describe(self) -> str:
         return f"{self.name} ({self.path})"
 
+    def check(self) -> None:
+        self._scan()  # a missing or empty folder raises, naming it
+
     def _batches(self, n, batch_size, resolution, start, device):
         names = self._names()
         chosen = [self.path / names[i] for i in _select(len(names), n, start, self.seed if self.shuffle else None)]
@@ -334,10 +372,21 @@ class _LSUNReader:
         return {"path": self.path, "env": None}
 
 
+LSUN_LAYOUT = ("an LSUN category database as the LSUN release ships it (e.g. church_outdoor_train_lmdb/): a folder "
+               "holding data.mdb (and lock.mdb), an lmdb environment whose values are encoded images")
+
+
+def _lmdb_error(path: Path, err: Exception) -> UsageError:
+    return UsageError(f"{path} is not a readable lmdb database ({type(err).__name__}: {err}); expected {LSUN_LAYOUT}")
+
+
 def _open_lmdb(path: Path):
     import lmdb
 
-    return lmdb.open(str(path), max_readers=64, readonly=True, lock=False, readahead=False, meminit=False)
+    try:
+        return lmdb.open(str(path), max_readers=64, readonly=True, lock=False, readahead=False, meminit=False)
+    except lmdb.Error as err:  # a damaged or foreign file: lmdb names neither it nor the layout
+        raise _lmdb_error(path, err) from err
 
 
 class LSUNSource(ImageSource):
@@ -361,13 +410,18 @@ class LSUNSource(ImageSource):
         self._keys: list[bytes] | None = None
 
     def keys(self) -> list[bytes]:
+        import lmdb
+
         if self._keys is None:
             if not (self.path / "data.mdb").is_file():
-                raise FileNotFoundError(f"no LSUN lmdb database at {self.path} (expected {self.path / 'data.mdb'})")
+                raise FileNotFoundError(f"no LSUN lmdb database at {self.path} (expected {self.path / 'data.mdb'}; "
+                                        f"{LSUN_LAYOUT})")
             env = _open_lmdb(self.path)
             try:
                 with env.begin(write=False) as txn:
                     self._keys = [bytes(k) for k in txn.cursor().iternext(keys=True, values=False)]
+            except lmdb.Error as err:
+                raise _lmdb_error(self.path, err) from err
             finally:
                 env.close()
             if not self._keys:
@@ -384,6 +438,8 @@ class LSUNSource(ImageSource):
         env = _open_lmdb(self.path)
         try:
             entries, last_txn = env.stat()["entries"], env.info()["last_txnid"]
+        except __import__("lmdb").Error as err:
+            raise _lmdb_error(self.path, err) from err
         finally:
             env.close()
         return {**super().identity(), "path": str(self.path.resolve()), "shuffle": self.shuffle,
@@ -392,6 +448,9 @@ class LSUNSource(ImageSource):
 
     def describe(self) -> str:
         return f"{self.name} ({self.path})"
+
+    def check(self) -> None:
+        self.keys()  # a missing, unreadable or empty database raises, naming it
 
     def _batches(self, n, batch_size, resolution, start, device):
         keys = self.keys()
@@ -424,6 +483,9 @@ class GeneratorSource(ImageSource):
             cfg = OmegaConf.to_container(cfg, resolve=True)
         return {**super().identity(), "generator": cfg if isinstance(cfg, dict) else type(cfg).__name__,
                 "weights_sha256": fingerprint(self.generator())}
+
+    def check(self) -> None:
+        self.generator()  # a missing or damaged checkpoint raises, naming it
 
     def generator(self):
         if self._generator is None:

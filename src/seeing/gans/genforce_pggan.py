@@ -24,6 +24,7 @@ it to [-1, 1] (hardtanh), the range every consumer of images here assumes.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Mapping
 
@@ -57,6 +58,18 @@ def to_ganseeing_layout(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
     return converted
 
 
+def genforce_key(key: str) -> str:
+    """A GAN Dissection key -> the genforce key it was converted from (the table above, backwards);
+    other keys as they are."""
+    if m := re.fullmatch(r"layer(\d+)\.(conv\.weight|wscale\.b)", key):
+        return f"layer{int(m[1]) - 1}.{'weight' if m[2] == 'conv.weight' else 'bias'}"
+    if m := re.fullmatch(r"output_(\d+)x\d+\.(conv\.weight|wscale\.b)", key):
+        last = int(round(math.log2(int(m[1]) / 4)))
+        return f"output{last}.{'weight' if m[2] == 'conv.weight' else 'bias'}"
+    return key
+
+
 def from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> ProGANGenerator:
-    """A :class:`ProGANGenerator` (layers ``layer1`` ... ``output_RxR``) holding these weights."""
-    return ProGANGenerator.from_layout_state_dict(to_ganseeing_layout(state_dict))
+    """A :class:`ProGANGenerator` (layers ``layer1`` ... ``output_RxR``) holding these weights;
+    a missing or mis-shaped tensor is named by its genforce key."""
+    return ProGANGenerator.from_layout_state_dict(to_ganseeing_layout(state_dict), spell=genforce_key, layout=LAYOUT)

@@ -163,6 +163,12 @@ def detect_layout(state_dict: Mapping[str, Any]) -> str:
                      f"Closest is {closest.name}; {detail}")
 
 
+def _in_file(path: Path | None, err: Exception, expected: str = "") -> ValueError:
+    """``err`` with the checkpoint file it is about (and the layout it should have) in front."""
+    where = f"model.checkpoint={path}" if path is not None else "generator state dict"
+    return ValueError(f"{where}: {err}" + (f"; {expected}" if expected else ""))
+
+
 def _missing_file_error(path: Path, allowed: tuple[str, ...]) -> FileNotFoundError:
     expected = "; ".join(f"{', '.join(_describe(n)[2])} ({_describe(n)[1]}, layout {n})" for n in allowed)
     return FileNotFoundError(
@@ -313,13 +319,22 @@ def load_generator(source: str | os.PathLike | Mapping[str, Any], layout: str = 
             raise ValueError(f"{nvlabs}: {err}") from err
         meta = {"format": "nvlabs", "class_name": record.class_name, "init_kwargs": record.init_kwargs}
     else:
+        path = Path(source).expanduser() if isinstance(source, (str, os.PathLike)) else None
         state_dict, stored_layout, meta = read_checkpoint(source, layout)
-        name = stored_layout if stored_layout is not None else detect_layout(state_dict)
+        try:
+            name = stored_layout if stored_layout is not None else detect_layout(state_dict)
+        except ValueError as err:
+            raise _in_file(path, err) from err
         if name not in LAYOUTS:
-            raise ValueError(f"checkpoint declares unknown layout {name!r}. Known layouts: {_known_layouts()}")
+            raise _in_file(path, ValueError(f"checkpoint declares unknown layout {name!r}. Known layouts: "
+                                            f"{_known_layouts()}"))
         _check_allowed(name, layout, allowed, source)
         spec = LAYOUTS[name]
-        generator = spec.build(as_float32(state_dict), **_options_for(name, spec.options, options))
+        try:
+            generator = spec.build(as_float32(state_dict), **_options_for(name, spec.options, options))
+        except ValueError as err:  # a key missing or mis-shaped: named as the file spells it
+            raise _in_file(path, err, f"expected a complete {spec.description} checkpoint (layout {name}, as "
+                                      f"{', '.join(spec.public_files)})") from err
     generator.eval().requires_grad_(requires_grad)
     generator.checkpoint_meta = meta
     return generator

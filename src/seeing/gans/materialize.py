@@ -23,12 +23,15 @@ def as_float32(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
             for k, v in state_dict.items()}
 
 
-def build_and_load(factory: Callable[[], M], state_dict: Mapping[str, torch.Tensor], what: str) -> M:
+def build_and_load(factory: Callable[[], M], state_dict: Mapping[str, torch.Tensor], what: str,
+                   spell: Callable[[str], str] | None = None) -> M:
     """``factory()`` on the meta device, then ``state_dict`` assigned strictly into it.
 
-    Raises ValueError naming ``what`` when keys are missing, unexpected or mis-shaped.
+    Raises ValueError naming ``what`` when keys are missing, unexpected or mis-shaped, each key
+    as the checkpoint spells it (``spell``: the module's key -> the file's, the inverse of the
+    loader's renaming).
     """
     with torch.device("meta"):
         module = factory()
-    load_exact(module, state_dict, f"cannot load {what}", optional=())
+    load_exact(module, state_dict, f"cannot load {what}", optional=(), spell=spell)
     return module

@@ -97,12 +97,16 @@ class ProGANGenerator(LayeredGenerator):
         super().__init__(layers, z_dim=z_dim, resolution=4 * 2 ** (len(widths) - 1))
 
     @classmethod
-    def from_layout_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> "ProGANGenerator":
+    def from_layout_state_dict(cls, state_dict: dict[str, torch.Tensor], spell=None,
+                               layout: str = LAYOUT) -> "ProGANGenerator":
         """A generator sized from the tensor shapes of a public-layout state dict, holding
-        those tensors (built on the meta device first, so nothing is allocated twice)."""
+        those tensors (built on the meta device first, so nothing is allocated twice).
+        ``spell``: a public-layout key -> the key as the checkpoint spells it (another layout
+        converted to this one, genforce's), for errors that name the file's keys."""
         z_dim, widths = infer_progan_sizes(state_dict)
         internal = {_to_internal(k): v for k, v in state_dict.items()}
-        return build_and_load(lambda: cls(z_dim, widths), internal, f"{LAYOUT} generator")
+        public = (lambda k: spell(_to_public(k))) if spell else _to_public
+        return build_and_load(lambda: cls(z_dim, widths), internal, f"{layout} generator", spell=public)
 
     def layout_state_dict(self) -> dict[str, torch.Tensor]:
         """This model's weights under the public layout's key names."""

@@ -202,11 +202,26 @@ def to_internal(state_dict: MappingType[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
+def file_key(key: str, last: int) -> str:
+    """This module's key -> the genforce key (inverse of :func:`to_internal`; ``last``: the index
+    of the final to-RGB, ``synthesis.output<last>``); other keys as they are."""
+    if key == "layers.mapping.w_avg":
+        return "truncation.w_avg"
+    if key.startswith("layers.mapping."):
+        return "mapping." + key.removeprefix("layers.mapping.")
+    if key.startswith("layers.output.to_image."):
+        return f"synthesis.output{last}." + key.removeprefix("layers.output.to_image.")
+    if re.match(r"layers\.layer\d+\.", key):
+        return "synthesis." + key.removeprefix("layers.")
+    return key
+
+
 def from_state_dict(state_dict: MappingType[str, torch.Tensor], **options) -> StyleGANGenerator:
     """A :class:`StyleGANGenerator` sized from and holding a genforce StyleGAN state dict.
 
     ``options``: ``truncation_psi``, ``truncation_layers``, ``fused_scale_min_res``, ``clamp_output``.
     """
     sizes = infer_sizes(state_dict)
+    last = len(sizes["widths"]) - 1
     return build_and_load(lambda: StyleGANGenerator(**sizes, **options), to_internal(state_dict),
-                          f"{LAYOUT} generator")
+                          f"{LAYOUT} generator", spell=lambda key: file_key(key, last))

@@ -209,6 +209,23 @@ def to_internal(state_dict: MappingType[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
+def file_key(key: str) -> str:
+    """This module's key -> the genforce key (inverse of :func:`to_internal`); other keys as they are."""
+    if key == "layers.mapping.w_avg":
+        return "truncation.w_avg"
+    if key.startswith("layers.mapping."):
+        return "mapping." + key.removeprefix("layers.mapping.")
+    if key == "layers.layer0.const":
+        return "synthesis.early_layer.const"
+    if re.fullmatch(r"layers\.layer\d+\.skip_upsample\.kernel", key):
+        return "synthesis.upsample.kernel"
+    if m := re.fullmatch(r"layers\.layer(\d+)\.to_rgb\.(.+)", key):
+        return f"synthesis.output{int(m[1]) // 2}.{m[2]}"
+    if m := re.fullmatch(r"layers\.(layer\d+)\.conv\.(.+)", key):
+        return f"synthesis.{m[1]}.{m[2]}"
+    return key
+
+
 def from_state_dict(state_dict: MappingType[str, torch.Tensor], **options) -> StyleGAN2Generator:
     """A :class:`StyleGAN2Generator` sized from and holding a genforce StyleGAN2 state dict.
 
@@ -216,4 +233,4 @@ def from_state_dict(state_dict: MappingType[str, torch.Tensor], **options) -> St
     """
     sizes = infer_sizes(state_dict)
     return build_and_load(lambda: StyleGAN2Generator(**sizes, **options), to_internal(state_dict),
-                          f"{LAYOUT} generator")
+                          f"{LAYOUT} generator", spell=file_key)

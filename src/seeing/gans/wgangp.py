@@ -87,14 +87,19 @@ class WGANGPGenerator(LayeredGenerator):
 
     def layout_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights under the checkpoint's key names (inverse of :func:`to_internal`)."""
-        out = {}
-        for key, value in self.state_dict().items():
-            name, rest = key.removeprefix("layers.").split(".", 1)
-            if name.startswith("output_"):
-                out[f"output.{rest}"] = value
-            else:
-                out[f"features.{int(name.removeprefix('layer')) - 1}.{rest.removeprefix('block.')}"] = value
-        return out
+        return {file_key(key): value for key, value in self.state_dict().items()}
+
+
+def file_key(key: str) -> str:
+    """This module's key -> the checkpoint's (inverse of :func:`to_internal`); other keys as they are."""
+    if not key.startswith("layers.") or "." not in key.removeprefix("layers."):
+        return key
+    name, rest = key.removeprefix("layers.").split(".", 1)
+    if name.startswith("output_"):
+        return f"output.{rest}"
+    if name.startswith("layer") and name.removeprefix("layer").isdigit():
+        return f"features.{int(name.removeprefix('layer')) - 1}.{rest.removeprefix('block.')}"
+    return key
 
 
 def infer_sizes(state_dict: Mapping[str, torch.Tensor]) -> dict:
@@ -124,4 +129,5 @@ def to_internal(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
 def from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> WGANGPGenerator:
     """A :class:`WGANGPGenerator` sized from and holding a ``wgangp-*.pth`` state dict."""
     sizes = infer_sizes(state_dict)
-    return build_and_load(lambda: WGANGPGenerator(**sizes), to_internal(state_dict), f"{LAYOUT} generator")
+    return build_and_load(lambda: WGANGPGenerator(**sizes), to_internal(state_dict), f"{LAYOUT} generator",
+                          spell=file_key)

@@ -25,7 +25,7 @@ from torch import nn
 from seeing.gans.layered import LATENT, LayeredGenerator
 from seeing.metrics.correlation import correlation_error
 from seeing.models.image_encoder import EncoderSpec, ImageEncoder, encoder_spec
-from seeing.models.hybrid import generate_from_latent, module_record
+from seeing.models.hybrid import encoder_from_record, generate_from_latent, module_record
 from seeing.reporting import load_format_file, torch_save_atomic
 
 FORMAT = "seeing.models.direct_encoder/v1"
@@ -78,11 +78,15 @@ def load_direct_encoder(path: str | Path, generator: LayeredGenerator | None = N
     obj = load_format_file(path, FORMAT, "direct encoder",
                            f"Re-copy it, re-run `python train.py model=<model> stage={STAGE}` to write it again, "
                            "or point the option that names it at the right file.")
-    spec = EncoderSpec.from_dict(obj["encoder"]["spec"])
+    for key in ("encoder", "latent_shape", "latent_name"):
+        if key not in obj:
+            raise ValueError(f"{path}: a direct encoder file needs {key!r}, which is missing. Re-run "
+                             f"`python train.py model=<model> stage={STAGE}` to write it again")
+    trunk = encoder_from_record(obj["encoder"], str(path))  # names a missing or mis-shaped tensor
+    spec = trunk.spec
     model = DirectEncoder(spec.image_size, obj["latent_shape"], obj["latent_name"], spec=spec,
                           normalize=bool(obj.get("normalize", False)))
-    model.encoder.load_state_dict({k: (v.float() if v.is_floating_point() else v)
-                                   for k, v in obj["encoder"]["state_dict"].items()})
+    model.encoder.load_state_dict(trunk.state_dict())
     if generator is not None:
         shape = latent_tensor_shape(generator, model.latent_name)
         if shape != model.latent_shape or spec.image_size != generator.resolution:

@@ -113,6 +113,19 @@ def _encoder_key(key: str) -> str:
     return key
 
 
+def _file_encoder_key(key: str) -> str:
+    """The inverse of :func:`_encoder_key`: ``trunk.5.0.conv1.weight`` -> ``resnet.layer2.0.conv1.weight``
+    (how the released file spells it, for errors)."""
+    positions = {str(v): k for k, v in _TRUNK_POSITIONS.items()}
+    if key.startswith("trunk."):
+        index, _, rest = key.removeprefix("trunk.").partition(".")
+        if index in positions:
+            return f"resnet.{positions[index]}.{rest}"
+    if key.startswith("head.0."):
+        return "resnet.layer5.conv5." + key.removeprefix("head.0.")
+    return key
+
+
 def released_modules(state: Mapping[str, torch.Tensor], source: str = "released encoder"
                      ) -> tuple[ImageEncoder, dict[str, LayerInverter]]:
     """The image encoder and the inverters (first layer first) holding a released state dict's tensors."""
@@ -132,10 +145,11 @@ def released_modules(state: Mapping[str, torch.Tensor], source: str = "released 
     with torch.device("meta"):  # load_exact assigns the file's tensors: nothing is initialised twice
         encoder = ImageEncoder(encoder_spec)
         inverters = {layer: LayerInverter(spec) for layer, spec in inverter_specs.items()}
-    load_exact(encoder, groups["resnet"], f"{source}: cannot load its resnet.* (image encoder)", optional=())
+    load_exact(encoder, groups["resnet"], f"{source}: cannot load its resnet.* (image encoder)", optional=(),
+               spell=_file_encoder_key, expected=DESCRIPTION)
     by_layer = {layer: prefix for prefix, layer, *_ in RELEASED_INVERTERS}
     for layer, module in inverters.items():
         prefix = by_layer[layer]
         load_exact(module, groups[prefix], f"{source}: cannot load its {prefix}.* (inverter of {layer})",
-                   optional=())
+                   optional=(), spell=lambda k, p=prefix: f"{p}.{k.removeprefix('net.')}", expected=DESCRIPTION)
     return encoder, inverters

@@ -44,7 +44,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from seeing.state_dicts import fingerprint
+from seeing.state_dicts import fingerprint, load_exact
 from seeing.gans.layered import LATENT, LayeredGenerator, module_key
 from seeing.reporting import load_format_file, torch_save_atomic
 
@@ -146,24 +146,41 @@ def _float32_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
 
 
-def inverter_from_record(record: Mapping[str, Any]) -> LayerInverter:
-    module = LayerInverter(InverterSpec.from_dict(record["spec"]))
-    module.load_state_dict(_float32_state(record["state_dict"]))
+def module_from_record(record: Any, kind: str, source: str = "", where: str = ""):
+    """A :class:`LayerInverter` (``kind="inverter"``) or :class:`ImageEncoder` (``"encoder"``) from
+    its ``{"spec", "state_dict"}`` record. ``source`` / ``where``: the file and the record's place in
+    it (``inverters.layer2``), so that an incomplete record or a missing or mis-shaped tensor is
+    named as the file spells it (``inverters.layer2.state_dict``: ``net.conv1.weight``)."""
+    spec_class, module_class = (InverterSpec, LayerInverter) if kind == "inverter" else (EncoderSpec, ImageEncoder)
+    at = f"{source}: {where}" if source else (where or kind)
+    expected = f"the {kind} record of a {FORMAT} file: {{'spec': ..., 'state_dict': ...}}"
+    if not isinstance(record, Mapping) or not isinstance(record.get("spec"), Mapping) or not isinstance(
+            record.get("state_dict"), Mapping):
+        found = sorted(map(str, record))[:6] if isinstance(record, Mapping) else type(record).__name__
+        raise ValueError(f"{at}: not a {kind} record (found {found}); expected {expected}")
+    try:
+        module = module_class(spec_class.from_dict(record["spec"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{at}.spec cannot build the {kind} ({type(err).__name__}: {err}); expected {expected}") from err
+    load_exact(module, _float32_state(record["state_dict"]), f"{at}.state_dict", expected=expected)
     return module
+
+
+def inverter_from_record(record: Mapping[str, Any], source: str = "", where: str = "") -> LayerInverter:
+    return module_from_record(record, "inverter", source, where)
 
 
 def read_layer_inverter(path: str | Path, layer: str) -> tuple[LayerInverter, dict[str, Any]]:
     """The inverter of ``layer`` from an inverter file, and the file's meta."""
     obj = read_inversion_file(path, "inverter")
-    if layer not in obj["inverters"]:
-        raise ValueError(f"{path} inverts {list(obj['inverters'])}, not {layer!r}")
-    return inverter_from_record(obj["inverters"][layer]), dict(obj.get("meta") or {})
+    if layer not in (obj.get("inverters") or {}):
+        raise ValueError(f"{path} inverts {list(obj.get('inverters') or [])}, not {layer!r}")
+    return (inverter_from_record(obj["inverters"][layer], str(path), f"inverters.{layer}"),
+            dict(obj.get("meta") or {}))
 
 
-def encoder_from_record(record: Mapping[str, Any]) -> ImageEncoder:
-    module = ImageEncoder(EncoderSpec.from_dict(record["spec"]))
-    module.load_state_dict(_float32_state(record["state_dict"]))
-    return module
+def encoder_from_record(record: Mapping[str, Any], source: str = "", where: str = "encoder") -> ImageEncoder:
+    return module_from_record(record, "encoder", source, where)
 
 
 def save_inversion_file(path: str | Path, kind: str, *, inverters: Mapping[str, nn.Module] | None = None,
@@ -255,8 +272,12 @@ def load_hybrid_encoder(path: str | Path | None, generator: LayeredGenerator | N
         encoder, inverters = ganseeing_layout.released_modules(released, source=str(path))
         meta = {"layout": ganseeing_layout.LAYOUT, "file": path.name}
     else:
-        inverters = {n: inverter_from_record(obj["inverters"][n]) for n in obj["layers"]}
-        encoder = encoder_from_record(obj["encoder"])
+        for key in ("layers", "inverters", "encoder"):
+            if key not in obj:
+                raise ValueError(f"{path}: a hybrid file needs {key!r}, which is missing; {_hybrid_layouts()}")
+        inverters = {n: inverter_from_record((obj["inverters"] or {}).get(n), str(path), f"inverters.{n}")
+                     for n in obj["layers"]}
+        encoder = encoder_from_record(obj["encoder"], str(path))
         meta = dict(obj.get("meta") or {})
     if generator is not None:
         check_chain(generator, list(inverters))
@@ -305,7 +326,7 @@ def assemble_hybrid_encoder(generator: LayeredGenerator, layers: Sequence[str], 
     for i, name in enumerate(layers, start=1):
         inverters[name], _ = read_layer_inverter(find(f"layer{i}"), name)
     path = find("encoder")
-    encoder = encoder_from_record(read_inversion_file(path, "encoder")["encoder"])
+    encoder = encoder_from_record(read_inversion_file(path, "encoder").get("encoder"), str(path))
     if encoder.spec.target != layers[-1]:
         raise ValueError(f"{path} predicts {encoder.spec.target!r}, but the hybrid needs {layers[-1]!r}")
     check_against_generator(generator, inverters, encoder, source=f"stages under {run_root}/{model_name}")

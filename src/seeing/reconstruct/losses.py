@@ -47,25 +47,24 @@ def load_vgg16_trunk(path: Path) -> nn.Sequential:
     state dict as torchvision ships it, or just its ``features.*`` entries), frozen, eval mode."""
     from torchvision.models import vgg16
 
-    from seeing.provenance import record_input
+    from seeing.reporting import load_torch_file
+    from seeing.state_dicts import load_exact
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    record_input(path, "VGG-16 weights")
+    fix = (f"Expected torchvision's ImageNet VGG-16 state dict ({VGG16_FILE}, what vgg16(pretrained=True) loads: "
+           f"features.0.weight ... classifier.6.bias). Re-copy it, or point stage.loss.vgg_path at it.")
+    state = load_torch_file(path, "VGG-16 weights", fix)  # a damaged file: one error naming it
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a VGG-16 state dict")
+        raise ValueError(f"{path} does not hold a VGG-16 state dict (it holds a {type(state).__name__}). {fix}")
     with torch.device("meta"):  # the architecture only: the 100M-parameter classifier is never allocated
         trunk = vgg16(weights=None).features[:RELU4_2]
     wanted = {k for k in trunk.state_dict()}
-    feats = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    feats = {k[len("features."):]: v for k, v in state.items() if isinstance(k, str) and k.startswith("features.")}
     missing = sorted(wanted - set(feats))
     if missing:
         raise ValueError(f"{path} is not a torchvision VGG-16 state dict: no features.{missing[0]} "
-                         f"({len(missing)} trunk tensors missing)")
-    trunk = trunk.to_empty(device="cpu")
-    try:
-        trunk.load_state_dict({k: feats[k] for k in wanted}, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path} does not fit torchvision's VGG-16: {e}") from e
+                         f"({len(missing)} trunk tensors missing). {fix}")
+    load_exact(trunk, {k: feats[k] for k in wanted}, str(path), optional=(), spell=lambda k: f"features.{k}",
+               expected=f"torchvision's VGG-16, {VGG16_FILE}")
     return freeze(trunk)
 
 

@@ -213,23 +213,67 @@ def fsd_resolution(setting: Any, real: ImageSource, fake: ImageSource) -> int:
     return setting
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    from seeing.devices import resolve_device
-
-    import hydra
-
-    m = cfg.metric
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    oracle = bool(m.get("oracle", False))
-    # user numbers are checked before anything is built
+def check_numbers(m: DictConfig) -> dict[str, Any]:
+    """The report's own numbers (images a side, batch, size, interval), checked; the interval settings."""
     for key in ("n", "batch_size"):
         value = m.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"metric.{key}={value!r}: must be a whole number >= 1 (images per side / per batch)")
     if m.resolution != "auto":
         fsd_resolution(m.resolution, None, None)
-    interval = interval_settings(m)
+    return interval_settings(m)
+
+
+def open_sources(cfg: DictConfig) -> tuple[ImageSource, ImageSource]:
+    """``real=`` and ``fake=`` built and both opened (:meth:`ImageSource.check`) before either is
+    tallied: a bad folder or database on one side is named at once, not after the other side's
+    thousands of images were segmented."""
+    from seeing.config import instantiate
+    from seeing.errors import UsageError
+
+    sources: list[ImageSource] = []
+    for side in ("real", "fake"):
+        try:
+            source = instantiate(cfg[side])
+            source.check()
+        except (ValueError, OSError) as err:
+            fix = f"; point {side}.path at the images" if "path" in cfg[side] else ""
+            message = f"{_choice(cfg, side)}: {err}{fix}"
+            if len(err.args) == 1 and isinstance(err.args[0], str):  # the same error, saying which side
+                err.args = (message,)
+                raise
+            raise UsageError(message) from err
+        sources.append(source)
+    return sources[0], sources[1]
+
+
+def _choice(cfg: DictConfig, side: str) -> str:
+    """``real=folder``: the side as it was chosen on the command line (or its config's class)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choice = HydraConfig.get().runtime.choices.get(side)
+    except ValueError:
+        choice = None
+    return f"{side}={choice or str(cfg[side].get('_target_', '?')).rsplit('.', 1)[-1]}"
+
+
+def check(cfg: DictConfig) -> None:
+    """Before the run claims its folder (:func:`seeing.pipeline.evaluate`): the numbers, and both
+    image sources opened."""
+    check_numbers(cfg.metric)
+    open_sources(cfg)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    from seeing.devices import resolve_device
+
+    m = cfg.metric
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    oracle = bool(m.get("oracle", False))
+    interval = check_numbers(m)  # user numbers are checked before anything is built
+    real, fake = open_sources(cfg)  # both sides opened before either is tallied
     # one process, or several (metric.fabric.devices=2 ...): each tallies a share of the images,
     # the Metric syncs, process 0 writes the cache and the report
     fabric = Fabric(**{"devices": 1, **(OmegaConf.to_container(m.fabric, resolve=True) if "fabric" in m else {})})
@@ -251,8 +295,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"({'oracle' if oracle else _segmenter_label(cfg, segmenter)}) has {num_classes} classes"
         )
 
-    real: ImageSource = hydra.utils.instantiate(cfg.real)
-    fake: ImageSource = hydra.utils.instantiate(cfg.fake)
     resolution = fsd_resolution(m.resolution, real, fake)
     log.info("FSD at %d px, %d images a side", resolution, int(m.n))
     seg_id = segmenter_identity(segmenter, class_names)

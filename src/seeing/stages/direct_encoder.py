@@ -16,6 +16,7 @@ from seeing.models.direct_encoder import STAGE, DirectEncoder, latent_tensor_sha
 from seeing.models.hybrid import generate_from_latent
 from seeing.reporting import torch_save_atomic
 from seeing.stages.inversion import InversionStage
+from seeing.validation import check_numbers
 
 
 class DirectEncoderStage(InversionStage):
@@ -25,6 +26,7 @@ class DirectEncoderStage(InversionStage):
                  trunk_stages: int | str = "auto", head_channels: int | None = None, image_weight: float = 1.0,
                  **kwargs):
         super().__init__(generator, inversion_layers, name, **kwargs)
+        check_numbers({"image_weight": image_weight}, "stage")
         self.image_weight = float(image_weight)
         self.encoder = DirectEncoder(generator.resolution, latent_tensor_shape(generator, self.latent_name),
                                      self.latent_name, trunk_stages, head_channels)

@@ -32,6 +32,7 @@ from seeing.frozen import freeze
 from seeing.gans.critic import ProGANCritic, gradient_penalty
 from seeing.gans.layered import LayeredGenerator
 from seeing.gans.loading import save_generator
+from seeing.validation import check_numbers
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,9 @@ class WGANGP(pl.LightningModule):
     ):
         super().__init__()
         self.stage_name = name
-        if n_critic < 1:
-            raise ValueError(f"n_critic must be >= 1, got {n_critic}")
+        check_numbers({"lr": lr, "n_critic": n_critic, "gp_weight": gp_weight, "drift_weight": drift_weight,
+                       "ema_beta": ema_beta, "sample_every": sample_every, "num_samples": num_samples,
+                       "max_nonfinite_steps": max_nonfinite_steps}, "stage")
         # Plain Python values only: checkpoints are read back with weights_only=True.
         betas = [float(b) for b in betas]
         critic_widths = [int(w) for w in critic_widths] if critic_widths is not None else None

@@ -17,6 +17,7 @@ from seeing.metrics.correlation import correlation_error
 from seeing.models.hybrid import assemble_hybrid_encoder, load_hybrid_encoder
 from seeing.stages.inversion import InversionStage
 from seeing.gans.values import feature_tensor
+from seeing.validation import check_numbers
 
 
 class RealImageStream:
@@ -114,6 +115,8 @@ class HybridStage(InversionStage):
                  real_pool: int | None = None, real_val_size: int = 64, real_val_offset: int = 1_900_000,
                  model_args: str = "", freeze: Sequence[str] = (), **kwargs):
         super().__init__(generator, inversion_layers, name, model_name=model_name, **kwargs)
+        check_numbers({"real_batch_size": real_batch_size, "real_val_size": real_val_size,
+                       "weights": dict(weights or {})}, "stage")
         unknown = set(weights or {}) - set(self.DEFAULT_WEIGHTS)
         if unknown:
             raise ValueError(f"unknown hybrid loss weights {sorted(unknown)}; known: {sorted(self.DEFAULT_WEIGHTS)}")

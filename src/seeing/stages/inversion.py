@@ -35,6 +35,7 @@ from seeing.models.image_encoder import ImageEncoder, encoder_spec
 from seeing.models.hybrid import check_against_generator, generator_fingerprint, read_layer_inverter, save_inversion_file
 from seeing.models.inverters import check_chain, inverter_spec, LayerInverter, probe_shapes
 from seeing.gans.values import feature_tensor, with_feature
+from seeing.validation import check_numbers
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ class InversionStage(pl.LightningModule):
         export_half: bool = False,
     ):
         super().__init__()
+        check_numbers({"batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "gamma": gamma,
+                       "val_size": val_size, "val_batch_size": val_batch_size, "grid_size": grid_size}, "stage")
         # objects built by Hydra are config, not hyperparameters: checkpoints stay plain Python
         self.save_hyperparameters(ignore=["generator", "real_source"])
         # checkpoints are read back with weights_only=True: keep hyperparameters plain Python
@@ -356,6 +359,7 @@ class LayerInverterStage(InversionStage):
             raise ValueError(f"stage layer{index}: this model inverts {len(layers)} layers ({layers}); "
                              f"choose stage=layer1 ... layer{len(layers)}")
         super().__init__(generator, layers, name or f"layer{index}", **kwargs)
+        check_numbers({"regen_weight": regen_weight}, "stage")
         self.layer = layers[int(index) - 1]
         if inverter_file:
             self.inverter = self._load_inverter(Path(inverter_file), hidden_channels, architecture)

@@ -33,6 +33,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from seeing.reporting import save_figure, torch_save_atomic, write_csv, write_json
 from seeing.segmenters.scenes import ASSET_NAME, SceneSegmenterNet, make_weights_file
+from seeing.validation import check_numbers
 
 ARCHITECTURES = ("unet", "segformer")
 SEGFORMER_FOLDER = "scenes_segformer"
@@ -98,6 +99,8 @@ class SegmenterTraining(pl.LightningModule):
                  name: str = "segmenter", architecture: str = "unet", segformer: dict[str, Any] | None = None):
         super().__init__()
         self.stage_name = name
+        check_numbers({"lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
+                       "augment_strength": augment_strength, "figure_images": figure_images}, "stage")
         if architecture not in ARCHITECTURES:
             raise ValueError(f"stage.architecture={architecture!r}: choose one of {list(ARCHITECTURES)}")
         # each architecture reads its own sizes; the other's, when set, would silently do nothing

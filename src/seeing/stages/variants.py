@@ -22,6 +22,7 @@ from seeing.config import missing_targets_message
 from seeing.gans.layered import LATENT, LayeredGenerator
 from seeing.models.inverters import check_chain
 from seeing.stage_files import find_stage_file, make_command
+from seeing.validation import check_numbers
 
 from seeing.stages.reconstruct import Reconstructor, correction_positions
 from seeing.reconstruct.init import initial_latents
@@ -77,12 +78,9 @@ def build_reconstructor(generator: LayeredGenerator, inversion_layers: Sequence[
     encoder is also the ``E`` of the loss's encoder term (``loss.encoder_weight > 0``, the
     paper's variant e). ``optimizer``: ``adam`` or ``lbfgs`` (see :class:`Reconstructor`).
     """
-    for key, value, least in (("stage.steps", steps, 0), ("stage.batch_size", batch_size, 1),
-                              ("stage.targets.count", targets.get("count", 16), 1), ("stage.lr", lr, None)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                least is None and not value > 0) or (least is not None and (value < least or value != int(value))):
-            kind = "a positive number" if least is None else f"a whole number >= {least}"
-            raise ValueError(f"{key}={value!r}: must be {kind}")
+    check_numbers({"steps": steps, "batch_size": batch_size, "lr": lr, "gamma": gamma,
+                   "targets": {k: v for k, v in dict(targets).items() if k != "source"},
+                   "loss": {k: v for k, v in dict(loss or {}).items() if not isinstance(v, torch.nn.Module)}}, "stage")
     init = variant.get("init", "hybrid")
     layers = list(inversion_layers)
     latent_name = check_chain(generator, layers)
