@@ -3,6 +3,8 @@ loudly, before any work. Composed with Hydra's compose API; the multirun cases r
 entry point in a subprocess."""
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -217,6 +219,11 @@ def test_a_variant_sweep_writes_one_folder_per_variant_with_the_overrides_applie
         assert run["config"]["variant"]["name"] == v and run["config"]["trainer"]["max_steps"] == 3
         assert run["job_type"] == f"reconstruct_real_{v}" and run["name"].endswith(folders[v].name)
         assert "final/pixel_l1" in run["metrics"], run["metrics"]
+        # its provenance: the identity digest of its folder and every file it read, with sha256
+        record = json.loads((folders[v] / "identity.json").read_text())
+        assert run["config"]["provenance"]["identity"] == record["identity"]
+        read = {Path(i["path"]).name: i["sha256"] for i in run["config"]["provenance"]["inputs"]}
+        assert read[Path(gen).name] == hashlib.sha256(Path(gen).read_bytes()).hexdigest(), read
         # the per-image table and the image table (target | start | reconstruction) reach W&B too
         for table in ("reconstruct/per_image", "reconstruct/images"):  # W&B records a table as its fields
             assert f"{table}/_type" in run["metrics"] and f"{table}/nrows" in run["metrics"], run["metrics"]

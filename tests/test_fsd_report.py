@@ -106,6 +106,11 @@ def test_evaluate_writes_report_files_and_reuses_the_tally_cache(compose, tiny_s
     with Image.open(out / "fsd_histogram.png") as img:
         assert img.format == "PNG" and img.size[0] > 200
     assert list(out.rglob("wandb/offline-run-*")), "the report was not logged to W&B (offline)"
+    from test_config import wandb_run_summary
+
+    logged = wandb_run_summary(out)["config"]  # the W&B config carries the report's provenance
+    assert logged["provenance"]["identity"] == json.loads((out / "identity.json").read_text())["identity"]
+    assert any(Path(i["path"]) == Path(tiny_segmenter).resolve() for i in logged["provenance"]["inputs"])
     assert "3 images could not be read and were skipped" in caplog.text
 
     caplog.clear()

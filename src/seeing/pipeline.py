@@ -146,6 +146,19 @@ def log_resolved_config(cfg: DictConfig, loggers: list[Any]) -> None:
         lg.log_hyperparams(config)
 
 
+def log_provenance(loggers: list[Any]) -> None:
+    """The run's provenance (identity digest, input files with sha256, seed, version, commit) into
+    the W&B config, once the run has read its inputs."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    from seeing.provenance import for_logs
+
+    record = for_logs()
+    for lg in loggers:
+        if record is not None and isinstance(lg, WandbLogger) and lg.experiment is not None:
+            lg.experiment.config.update({"provenance": record}, allow_val_change=True)
+
+
 def checked_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any], module: Any = None) -> pl.Trainer:
     """The Trainer; a ``trainer.*`` value Lightning refuses (``trainer.precision=64-wrong``) is a mistake
     in the config, reported as one, naming the trainer settings."""
@@ -238,6 +251,7 @@ def train(cfg: DictConfig) -> Any:
     print(f"[{cfg.stage.name}] outputs in {cfg.output_dir}")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     metrics.update(getattr(module, "final_metrics", None) or {})
+    log_provenance(loggers)
     finish_run(outputs, metrics)
     for lg in loggers:
         if hasattr(lg, "experiment") and hasattr(lg.experiment, "finish"):

@@ -133,6 +133,16 @@ def current() -> dict[str, Any] | None:
     return provenance(_CURRENT["identity"], _CURRENT.get("seed")) if _CURRENT else None
 
 
+def for_logs() -> dict[str, Any] | None:
+    """The provenance a W&B run's config gets at the end of the run (its settings are already
+    there): the identity digest, folder and changes, every input file read, seed, version, commit."""
+    record = current()
+    if record is None:
+        return None
+    keep = ("identity", "folder", "changed", "inputs", "seed", "seeing_version", "git")
+    return {k: record[k] for k in keep if k in record}
+
+
 def finish_run(outputs: list[str], metrics: Mapping[str, float], summary: str = "") -> dict[str, Any] | None:
     """The run ended well: identity.json says complete, with its inputs, outputs and numbers."""
     if not _CURRENT:

@@ -221,5 +221,10 @@ class WandbReport:
 
     def finish(self) -> None:
         if self.run is not None:
+            from seeing.provenance import for_logs
+
+            record = for_logs()
+            if record is not None:  # the inputs are known only now that the report has read them
+                self.run.config.update({"provenance": record}, allow_val_change=True)
             self.run.finish()
             self.run = None
