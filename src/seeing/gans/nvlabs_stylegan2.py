@@ -50,26 +50,14 @@ RESIDUAL_GAIN = math.sqrt(0.5)  # resnet blocks scale both branches so their sum
 INVERSION_LAYERS = ("b4.conv1", "b8.conv0", "b8.conv1")
 
 
-class LabelEmbedding(nn.Module):
-    """Upstream's ``mapping.embed``: a linear equalised-lr layer from the one-hot label."""
-
-    def __init__(self, c_dim: int, features: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(features, c_dim))
-        self.bias = nn.Parameter(torch.empty(features))
-        self.weight_gain = 1.0 / math.sqrt(c_dim)
-
-    def forward(self, c: torch.Tensor) -> torch.Tensor:
-        return F.linear(c, self.weight * self.weight_gain, self.bias)
-
-
 class ConditionalMapping(Mapping):
     """The mapping of a conditional model, fixed to one class: the normalised embedding of that
     class's one-hot label is concatenated to the normalised z."""
 
     def __init__(self, c_dim: int, embed_features: int, class_index: int, **mapping_args: Any):
         super().__init__(label_features=embed_features, **mapping_args)
-        self.embed = LabelEmbedding(c_dim, embed_features)
+        # upstream's mapping.embed: the same equalised-lr linear layer as a style affine, from the one-hot label
+        self.embed = StyleAffine(c_dim, embed_features)
         self.c_dim, self.class_index = c_dim, class_index
 
     def map_z(self, z: torch.Tensor) -> torch.Tensor:
