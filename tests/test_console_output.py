@@ -208,6 +208,7 @@ def test_training_in_a_terminal_leaves_one_final_bar_line(tiny_gan_files, tmp_pa
     bars = [line for line in shown if "step:" in line]
     assert len(bars) == 1 and re.match(r"layer1 step: 100%\|█+\| 20/20 \[", bars[0]), "\n".join(shown)
     assert "`Trainer.fit` stopped" in shown[shown.index(bars[0]) + 1]  # the next line, not glued
+    assert sum("`Trainer.fit` stopped" in line for line in shown) == 1, "\n".join(shown)  # and only once
 
 
 @pytest.mark.slow

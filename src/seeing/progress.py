@@ -128,7 +128,11 @@ def logs_above_bars(plain: bool) -> Iterator[None]:
         return
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    with logging_redirect_tqdm(loggers=[logging.getLogger(name) for name in CONSOLE_LOGGERS], tqdm_class=Bar):
+    # only the loggers that print to the console themselves: tqdm gives every logger it is handed a
+    # handler, so one that propagates to the root's console handler would print each line twice
+    loggers = [logger for logger in map(logging.getLogger, CONSOLE_LOGGERS)
+               if any(type(h) is logging.StreamHandler for h in logger.handlers)]
+    with logging_redirect_tqdm(loggers=loggers, tqdm_class=Bar):
         yield
 
 
