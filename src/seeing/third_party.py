@@ -27,6 +27,11 @@ CHECKPOINT_MODULE = r"(pytorch_lightning|lightning\.pytorch)\.callbacks\.model_c
 # processes and exported as every other variant is; Lightning says so at every such fit.
 NO_OPTIMIZER_MESSAGE = r"`LightningModule.configure_optimizers` returned `None`, this fit will run with no optimizer"
 NO_OPTIMIZER_MODULE = r"(pytorch_lightning|lightning\.pytorch)\.core\.optimizer"
+# torchdata 0.11.0, the newest release, calls torch.set_vital in every StatefulDataLoader (the resumable
+# loader Lightning documents for mid-epoch resumes); torch >= 2.9 deprecates that call, which records
+# nothing the project or a user reads.
+SET_VITAL_MESSAGE = "'set_vital' is deprecated"
+SET_VITAL_MODULE = r"torchdata\.stateful_dataloader"
 # Lightning >= 2.6 logs an advertisement for its hosted logger at every Trainer built without one
 LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
 LIGHTNING_INFO_LOGGER = "pytorch_lightning.utilities.rank_zero"
@@ -42,6 +47,7 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=PYTREE_MESSAGE, category=FutureWarning, module=PYTREE_MODULE)
     warnings.filterwarnings("ignore", message=CHECKPOINT_MESSAGE, category=UserWarning, module=CHECKPOINT_MODULE)
     warnings.filterwarnings("ignore", message=NO_OPTIMIZER_MESSAGE, category=UserWarning, module=NO_OPTIMIZER_MODULE)
+    warnings.filterwarnings("ignore", message=SET_VITAL_MESSAGE, category=UserWarning, module=SET_VITAL_MODULE)
     info = logging.getLogger(LIGHTNING_INFO_LOGGER)
     if not any(isinstance(f, _DropLitLoggerTip) for f in info.filters):
         info.addFilter(_DropLitLoggerTip())

@@ -4,7 +4,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import pytorch_lightning as pl
-from torch.utils.data import DataLoader
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import RandomSampler
 
 from .scenes import NUM_CLASSES, ScenesDataset
 
@@ -16,12 +18,15 @@ class ScenesTrainingData(pl.LightningDataModule):
 
     def __init__(self, resolution: int = 64, batch_size: int = 32, train_length: int = 20000,
                  val_length: int = 512, test_length: int = 512, seed: int = 0, drop: Sequence[str] = (),
-                 drop_fraction: float = 1.0, num_workers: int = 0, **_unused):
+                 drop_fraction: float = 1.0, num_workers: int = 0, shuffle_seed: int = 0, **_unused):
         super().__init__()
         from seeing.validation import check_numbers
 
         check_numbers({"resolution": resolution, "batch_size": batch_size, "train_length": train_length,
                        "val_length": val_length, "test_length": test_length}, "data")
+        if isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, int):
+            raise ValueError(f"data.shuffle_seed={shuffle_seed!r}: give an integer")
+        self.shuffle_seed = shuffle_seed
         self.resolution, self.batch_size, self.num_workers = resolution, batch_size, num_workers
         common = dict(resolution=resolution, seed=seed, drop=tuple(drop), drop_fraction=drop_fraction)
         self.train_set = ScenesDataset(train_length, offset=0, **common)
@@ -29,11 +34,16 @@ class ScenesTrainingData(pl.LightningDataModule):
         self.test_set = ScenesDataset(test_length, offset=train_length + val_length, **common)
         self.num_classes = NUM_CLASSES
 
-    def _loader(self, ds, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          drop_last=shuffle, persistent_workers=self.num_workers > 0)
+    def _loader(self, ds, shuffle: bool) -> StatefulDataLoader:
+        # stateful: Lightning saves where the epoch's order stands, and the generator it is drawn from, in
+        # each checkpoint, so a run resumed mid-epoch (ckpt_path=last) continues that order and the next
+        # epochs'. The generator is the sampler's alone: the loader also draws from its own generator once
+        # per epoch, a draw a restored loader does not repeat
+        sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(self.shuffle_seed)) if shuffle else None
+        return StatefulDataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                                  drop_last=shuffle, persistent_workers=self.num_workers > 0)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.train_set, True)
 
 
@@ -41,8 +51,8 @@ class ScenesDataModule(ScenesTrainingData):
     """Train, validation and test scenes come from one world seed but disjoint index ranges,
     so held-out numbers are measured on scenes the model never saw."""
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.val_set, False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.test_set, False)

@@ -23,10 +23,9 @@ import torch
 from torch import nn
 
 from seeing.gans.layered import LATENT, LayeredGenerator
-from seeing.metrics.correlation import correlation_error
 from seeing.models.image_encoder import EncoderSpec, ImageEncoder, encoder_spec
-from seeing.models.hybrid import encoder_from_record, generate_from_latent, module_record
-from seeing.reporting import load_format_file, torch_save_atomic
+from seeing.models.hybrid import encoder_from_record, module_record
+from seeing.reporting import load_format_file
 
 FORMAT = "seeing.models.direct_encoder/v1"
 STAGE = "direct_encoder"

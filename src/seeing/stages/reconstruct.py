@@ -44,7 +44,8 @@ from typing import Any, Mapping, Sequence
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from seeing.frozen import freeze
 from seeing.gans.layered import LATENT, LayeredGenerator, module_key
@@ -245,8 +246,9 @@ class Reconstructor(pl.LightningModule):
         if self.device.type == "cuda":  # convolutions run faster channels-last (bf16 tensor cores)
             self.generator.to(memory_format=torch.channels_last)
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Ticks(self.total_steps), batch_size=1)
+    def train_dataloader(self) -> StatefulDataLoader:
+        # stateful, so a run resumed mid-way continues its ticks rather than starting them again
+        return StatefulDataLoader(_Ticks(self.total_steps), batch_size=1)
 
     def configure_optimizers(self):
         if not self.positions:
