@@ -245,7 +245,7 @@ def test_segformer_stage_trains_and_exports_a_folder_the_loader_reads(compose):
     cfg = compose("train", [
         "stage=segformer", "logger=csv", "~callbacks.progress", "+trainer.fast_dev_run=2",
         "data.train_length=16", "data.val_length=4", "data.test_length=4", "data.batch_size=4",
-        "stage.segformer.input_size=64", "stage.figure_images=2",
+        "stage.figure_images=2",
     ])
     # Its settings differ from the preset, so it gets its own folder, never the preset's.
     assert Path(cfg.output_dir).name.startswith("segformer+")
@@ -256,6 +256,8 @@ def test_segformer_stage_trains_and_exports_a_folder_the_loader_reads(compose):
     assert training["global_step"] == 2 and training["heldout"]["images"] == 4
     seg = load_segmenter("segformer", path=folder, device="cpu")
     assert seg.class_names == list(CLASS_NAMES) and seg.preprocessing.describe()["resize"] == {"height": 64, "width": 64}
+    # the preset's architecture (conf/stage/segformer.yaml) is what the folder holds: full-resolution logits
+    assert seg.model.config.strides == [1, 4, 2, 2] and seg.model.config.patch_sizes == [7, 5, 3, 3]
     images = torch.stack([ScenesDataset(4, resolution=64, seed=9)[i][0] for i in range(4)])
     labels = seg.segment(images)
     assert labels.shape == (4, 64, 64) and labels.max() < len(CLASS_NAMES)
