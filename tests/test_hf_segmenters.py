@@ -272,3 +272,33 @@ def test_segformer_stage_settings_fail_loudly():
         SegmenterTraining(12, widths=[8, 16], architecture="segformer", segformer={"input_size": 64})
     with pytest.raises(ValueError, match="stage.architecture='vit'"):
         SegmenterTraining(12, architecture="vit")
+
+
+# ----------------------------------------------------------------------------- the shipped SegFormer
+
+def test_shipped_scenes_segformer_is_calibrated_against_the_scenes_net(compose):
+    """The SegFormer shipped for the scenes world (README, "Calibration on the scenes world"): it ranks
+    the planted person drop first among the dropped classes, and on the shipped GAN every class the
+    scenes net puts beyond noise has the same sign with it. 400 images a side here (the README's
+    numbers are at 1000), the simultaneous 95 % band."""
+    from seeing.pipeline import evaluate
+    from seeing.segmenters.segformer import SCENES_FOLDER
+
+    seg = load_segmenter("scenes_segformer", device="cpu")
+    assert seg.folder == SCENES_FOLDER and seg.class_names == list(load_segmenter("scenes").class_names)
+    training = json.loads((SCENES_FOLDER / "training.json").read_text())
+    assert training["command"] == "python train.py stage=segformer" and training["heldout"]["miou"] > 0.96
+
+    common = ["metric=fsd", "metric.n=400", "metric.batch_size=100", "metric.progress=false", "logger=csv",
+              "device=cpu"]
+    drop = evaluate(compose("evaluate", common + ["fake=scenes_drop", "segmenter=scenes_segformer"]))
+    assert drop["most_dropped"][0]["class"] == "person" and drop["most_dropped"][0]["relative_delta"] < -0.9
+    assert drop["segmenter_identity"]["id"] == "segformer"
+
+    reference = {r["class"]: r for r in evaluate(compose("evaluate", common))["per_class"]}
+    segformer = {r["class"]: r for r in evaluate(compose("evaluate", common + ["segmenter=scenes_segformer"]))["per_class"]}
+    beyond = [c for c, r in reference.items() if r["beyond_noise"]]
+    assert len(beyond) >= 4, beyond  # this sample: mountain, tree, signboard, door, fence
+    for c in beyond:
+        assert reference[c]["relative_delta"] * segformer[c]["relative_delta"] > 0, (
+            c, reference[c]["relative_delta"], segformer[c]["relative_delta"])

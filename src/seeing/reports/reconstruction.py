@@ -146,7 +146,8 @@ def _root_message(e: BaseException) -> str:
 
 
 # how the segmenters this project trains itself are made
-SEGMENTER_COMMANDS = {"scenes": "python train.py stage=segmenter data=scenes"}
+SEGMENTER_COMMANDS = {"scenes": "python train.py stage=segmenter data=scenes",
+                      "scenes_segformer": "python train.py stage=segformer"}
 
 
 def load_parts(cfg: DictConfig, need_models: bool) -> tuple[Any, Any]:

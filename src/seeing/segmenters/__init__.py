@@ -2,6 +2,7 @@
 
     from seeing.segmenters import load_segmenter
     seg = load_segmenter("scenes")             # the trained weights shipped with the package
+    seg = load_segmenter("scenes_segformer")   # the SegFormer trained on the scenes, also shipped
     seg = load_segmenter("upp", path="/data/segmodel/upp-resnet50-upernet")
     seg = load_segmenter("deeplab")            # from the torch hub cache, never downloaded
     seg = load_segmenter("segformer", path="/data/segformer-b0-finetuned-ade-512-512")  # transformers'
@@ -19,7 +20,7 @@ from .base import Segmenter
 from .deeplab import DeepLabSegmenter, load_deeplab_segmenter
 from .mask2former import Mask2FormerSegmenter, load_mask2former_segmenter
 from .scenes import ScenesSegmenter, load_scenes_segmenter
-from .segformer import SegformerSegmenter, load_segformer_segmenter
+from .segformer import SegformerSegmenter, load_scenes_segformer_segmenter, load_segformer_segmenter
 from .upp import UnifiedParsingSegmenter, load_upp_segmenter
 
 LOADERS: dict[str, Callable[..., Segmenter]] = {
@@ -27,6 +28,7 @@ LOADERS: dict[str, Callable[..., Segmenter]] = {
     "upp": load_upp_segmenter,
     "deeplab": load_deeplab_segmenter,
     "segformer": load_segformer_segmenter,
+    "scenes_segformer": load_scenes_segformer_segmenter,
     "mask2former": load_mask2former_segmenter,
 }
 
@@ -41,5 +43,5 @@ def load_segmenter(name: str, **kwargs: Any) -> Segmenter:
 __all__ = [
     "DeepLabSegmenter", "LOADERS", "Mask2FormerSegmenter", "ScenesSegmenter", "SegformerSegmenter", "Segmenter",
     "UnifiedParsingSegmenter", "load_deeplab_segmenter", "load_mask2former_segmenter", "load_scenes_segmenter",
-    "load_segformer_segmenter", "load_segmenter", "load_upp_segmenter",
+    "load_scenes_segformer_segmenter", "load_segformer_segmenter", "load_segmenter", "load_upp_segmenter",
 ]

@@ -24,6 +24,9 @@ from .hf import (HFSegmenter, Preprocessing, class_names_of, from_pretrained, im
                  torch_image_processor)
 
 EXAMPLE = "nvidia/segformer-b0-finetuned-ade-512-512"
+# the SegFormer `python train.py stage=segformer` trained on the scenes world, shipped with the package
+SCENES_FOLDER = Path(__file__).resolve().parents[1] / "assets" / "scenes_segformer"
+SCENES_COMMAND = "python train.py stage=segformer"
 
 
 def segformer_logits(model: nn.Module, preprocessing: Preprocessing, images: torch.Tensor) -> torch.Tensor:
@@ -49,6 +52,18 @@ def load_segformer_segmenter(path: str | Path | None, device: str | torch.device
     processor = from_pretrained(torch_image_processor(transformers, "SegformerImageProcessor"), folder)
     names = class_names_of(model.config, folder)
     return SegformerSegmenter(model.eval(), Preprocessing(processor, folder), names, folder).to(resolve_device(device))
+
+
+def load_scenes_segformer_segmenter(path: str | Path | None = None,
+                                    device: str | torch.device = "auto") -> SegformerSegmenter:
+    """The scenes world's SegFormer: the folder shipped in the package (``path=None``), or one that
+    ``python train.py stage=segformer`` wrote."""
+    if path in (None, ""):
+        path = SCENES_FOLDER
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"the shipped SegFormer folder {path} is incomplete; `{SCENES_COMMAND}` "
+                                    f"writes one (pass it as segmenter.path=<run>/scenes_segformer)")
+    return load_segformer_segmenter(path, device)
 
 
 # ------------------------------------------------------------------------------ training
