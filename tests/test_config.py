@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from seeing.config import check_config, unset_keys
 from seeing.progress import StepProgressBar, step_budget
-from seeing.stages.trainer import build_trainer
+from seeing.stages.trainer import batches_per_epoch, build_trainer
 
 from conftest import REPO, run_entry, run_folder
 
@@ -137,6 +137,21 @@ def test_progress_bar_counts_steps_of_the_budget(compose):
 
     uncapped = build_trainer(compose("train", ["stage=reconstruct"]), [], False)
     assert step_budget(uncapped, Planned()) == 12
+
+
+def test_logging_interval_fits_the_run_and_the_epoch(compose):
+    """Lightning warns when an epoch has fewer batches than the logging interval: a smoke run on a few
+    scenes logs once an epoch instead (per process under DDP); a full epoch keeps the configured interval."""
+    import hydra
+
+    cfg = compose("train", ["stage=segmenter", "data.train_length=16", "data.batch_size=4", "trainer.max_steps=6"])
+    data = hydra.utils.instantiate(cfg.data)
+    assert build_trainer(cfg, [], False, torch.nn.Module(), data).log_every_n_steps == 4
+    two = compose("train", ["stage=segmenter", "data.train_length=16", "data.batch_size=4", "trainer.devices=2"])
+    assert batches_per_epoch(two, hydra.utils.instantiate(two.data)) == 2
+    full = compose("train", ["stage=segmenter"])
+    assert build_trainer(full, [], False, torch.nn.Module(), hydra.utils.instantiate(full.data)).log_every_n_steps == \
+        full.trainer.log_every_n_steps
 
 
 def test_unknown_variant_fails_listing_the_variants_and_writes_nothing(tmp_path):

@@ -159,7 +159,8 @@ def log_provenance(loggers: list[Any]) -> None:
             lg.experiment.config.update({"provenance": record}, allow_val_change=True)
 
 
-def checked_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any], module: Any = None) -> pl.Trainer:
+def checked_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any], module: Any = None,
+                    datamodule: Any = None) -> pl.Trainer:
     """The Trainer; a ``trainer.*`` value Lightning refuses (``trainer.precision=64-wrong``) is a mistake
     in the config, reported as one, naming the trainer settings."""
     from hydra.errors import InstantiationException
@@ -168,7 +169,7 @@ def checked_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any], m
     from seeing.errors import UsageError
 
     try:
-        return build_trainer(cfg, without_logger_callbacks(callbacks, loggers), loggers or False, module)
+        return build_trainer(cfg, without_logger_callbacks(callbacks, loggers), loggers or False, module, datamodule)
     except (InstantiationException, MisconfigurationException) as err:
         cause = err.__cause__ if isinstance(err, InstantiationException) else err
         if not isinstance(cause, (ValueError, TypeError, MisconfigurationException)):
@@ -236,7 +237,7 @@ def train(cfg: DictConfig) -> Any:
     ckpt_path = resolve_ckpt_path(cfg, identity)
     callbacks = instantiate_group(cfg.get("callbacks")) + ([IdentityStamp(identity)] if identity else [])
     loggers = build_loggers(cfg, log_config=False)  # nothing written yet
-    trainer = checked_trainer(cfg, callbacks, loggers, module)  # a refused trainer.* setting stops before the claim
+    trainer = checked_trainer(cfg, callbacks, loggers, module, datamodule)  # a refused trainer.* setting stops before the claim
     claim(cfg, identity)
     log_resolved_config(cfg, loggers)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
