@@ -59,6 +59,23 @@ def test_a_mistake_in_the_command_line_is_one_line_before_any_work(case, tmp_pat
     refused(script, args, tmp_path, fix)
 
 
+def test_a_target_nothing_names_is_one_line_and_a_broken_module_keeps_its_traceback(tmp_path, monkeypatch):
+    refused("train", ["stage=layer1", "stage._target_=seeing.stages.nope.Thing"], tmp_path,
+            "stage._target_=seeing.stages.nope.Thing: no such class or function can be imported")
+    import hydra
+
+    from seeing.errors import mistake_message
+
+    (tmp_path / "broken_stage.py").write_text("raise RuntimeError('a bug while importing')\nclass Stage: ...\n")
+    (tmp_path / "fine_stage.py").write_text("class Stage: ...\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for target, expected in [("broken_stage.Stage", None), ("fine_stage.Nope", "_target_=fine_stage.Nope: no such")]:
+        with pytest.raises(Exception) as caught:
+            hydra.utils.instantiate({"_target_": target})
+        message = mistake_message(caught.value)
+        assert message == expected if expected is None else message.startswith(expected), message
+
+
 def test_the_debug_switch_shows_the_traceback(tmp_path):
     os.environ["SEEING_DEBUG"] = "1"
     try:

@@ -13,7 +13,7 @@ and the fix>``, and exit with status 2, with no traceback (``SEEING_DEBUG=1`` or
 - Hydra's composition errors (an unknown choice or key, a malformed override) and Lightning's
   ``MisconfigurationException``;
 - any of these wrapped by OmegaConf while it resolved an interpolation, or by Hydra's
-  ``instantiate`` (a key the module does not take).
+  ``instantiate`` (a key the module does not take, a ``_target_`` that names nothing importable).
 """
 from __future__ import annotations
 
@@ -123,6 +123,25 @@ def _unread_key(text: str) -> str | None:
             f"{arg[1]!r}); remove it from the command line")
 
 
+def _unknown_target(err: BaseException) -> str | None:
+    """Hydra's message for a ``_target_`` that names no importable object (``stage._target_=a.b.C``),
+    reworded; None when the module exists but failed while importing (a bug, kept with its traceback)."""
+    found = re.search(r"Error locating target '([\w.]+)'", str(err))
+    if found is None:
+        return None
+    root = err
+    while (root.__cause__ or root.__context__) is not None:
+        root = root.__cause__ or root.__context__
+    target = found[1]
+    missing_module = isinstance(root, ModuleNotFoundError) and root.name and (
+        target == root.name or target.startswith(root.name + "."))
+    if not (missing_module or isinstance(root, AttributeError)):
+        return None
+    node = re.search(r"full_key: ([\w.]+)", str(err))
+    key = f"{node[1]}._target_" if node else "_target_"
+    return f"{key}={target}: no such class or function can be imported; check the dotted name"
+
+
 def _wrappers() -> tuple[type, ...]:
     from hydra.errors import InstantiationException
     from omegaconf.errors import InterpolationResolutionError
@@ -139,7 +158,9 @@ def mistake_message(err: BaseException | None) -> str | None:
     if isinstance(err, _wrappers()):  # OmegaConf's and Hydra's wrappers (some are ValueErrors too)
         inner = err.__cause__ or err.__context__
         found = mistake_message(inner) if inner is not None and inner is not err else None
-        return found if found is not None else _unread_key(str(err))
+        if found is not None:
+            return found
+        return _unread_key(str(err)) or _unknown_target(err)
     if isinstance(err, UsageError) or (isinstance(err, OWN_KINDS) and _raised_here(err)):
         return one_line(str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err))
     if isinstance(err, _hydra_kinds()):
