@@ -95,3 +95,25 @@ def test_fsd_over_two_processes_equals_one_process_and_writes_the_cache_once(tmp
     again = json.loads((run_folder(tmp_path / "again" / "eval" / "fsd", "scenes_vs_scenes_drop") / "fsd.json").read_text())
     assert again["real"]["cache"] == again["fake"]["cache"] == "hit" and again["fsd"] == pytest.approx(
         report["one"]["fsd"], abs=1e-9)
+
+
+def test_the_segmenter_stage_trains_on_two_processes_and_process_zero_scores_the_whole_test_split(tmp_path):
+    """Process 0 exports and scores the held-out split alone (no metric sync waiting on the others):
+    the file's mIoU is what one process computes for the exported weights on the same scenes."""
+    from torchmetrics.classification import MulticlassJaccardIndex
+
+    from seeing.data.scenes import NUM_CLASSES, ScenesDataset
+    from seeing.segmenters import load_scenes_segmenter
+
+    done = run_entry("train", ["stage=segmenter", "data.train_length=32", "data.val_length=4", "data.test_length=8",
+                               "data.batch_size=4", "data.resolution=16", "stage.widths=[4,8]", "stage.figure_images=0",
+                               "trainer.max_steps=4", f"paths.run_root={tmp_path / 'ddp'}", *DDP2], tmp_path)
+    assert "sync_dist" not in done.stderr  # the validation logs say they are synced
+    out = run_folder(tmp_path / "ddp" / "scenes_progan", "segmenter")
+    seg = load_scenes_segmenter(out / "scenes_segmenter.pt", device="cpu")
+    held = seg.meta["heldout"]
+    assert held["images"] == 8 and seg.meta["global_step"] == 4
+    test = ScenesDataset(8, resolution=16, seed=0, offset=32 + 4)
+    images, labels = map(torch.stack, zip(*(test[i] for i in range(8))))
+    iou = MulticlassJaccardIndex(NUM_CLASSES, average="none")(seg.segment(images), labels)
+    assert held["miou"] == pytest.approx(float(iou.mean()), abs=1e-6)

@@ -26,7 +26,7 @@ RULES: dict[str, tuple[str, float]] = {
                                  "train_length", "val_length", "test_length", "resamples")},
     # 0 allowed: no steps, no figure, never (sample_every=0 writes no sample grids)
     **{k: ("whole", 0) for k in ("steps", "warmup_steps", "grid_size", "figure_images", "top_k", "sample_every",
-                                 "max_nonfinite_steps", "offset")},
+                                 "max_nonfinite_steps", "offset", "shuffle_seed")},
     **{k: ("positive", 0) for k in ("lr", "gamma")},
     **{k: ("non-negative", 0) for k in ("weight_decay", "min_fraction", "min_region", "min_covered",
                                         "min_real_area", "augment_strength")},

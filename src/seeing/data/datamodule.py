@@ -23,10 +23,8 @@ class ScenesTrainingData(pl.LightningDataModule):
         from seeing.validation import check_numbers
 
         check_numbers({"resolution": resolution, "batch_size": batch_size, "train_length": train_length,
-                       "val_length": val_length, "test_length": test_length}, "data")
-        if isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, int):
-            raise ValueError(f"data.shuffle_seed={shuffle_seed!r}: give an integer")
-        self.shuffle_seed = shuffle_seed
+                       "val_length": val_length, "test_length": test_length, "shuffle_seed": shuffle_seed}, "data")
+        self.shuffle_seed = int(shuffle_seed)
         self.resolution, self.batch_size, self.num_workers = resolution, batch_size, num_workers
         common = dict(resolution=resolution, seed=seed, drop=tuple(drop), drop_fraction=drop_fraction)
         self.train_set = ScenesDataset(train_length, offset=0, **common)

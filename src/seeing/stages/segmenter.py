@@ -176,17 +176,18 @@ class SegmenterTraining(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         images, labels = batch
         logits = self.net(images)
-        self.log("val/loss", F.cross_entropy(logits, labels))
+        self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
         pred = logits.argmax(1)
         self.val_iou.update(pred, labels)
         self.val_acc.update(pred, labels)
 
     def on_validation_epoch_end(self) -> None:
+        # compute() gathers every process's counts, so each logs the same value; sync_dist only says so
         iou = self.val_iou.compute()
-        self.log("val/miou", iou.mean(), prog_bar=True)
-        self.log("val/pixel_acc", self.val_acc.compute())
+        self.log("val/miou", iou.mean(), prog_bar=True, sync_dist=True)
+        self.log("val/pixel_acc", self.val_acc.compute(), sync_dist=True)
         for name, v in zip(self.class_names(), iou):
-            self.log(f"val_iou/{name}", v)
+            self.log(f"val_iou/{name}", v, sync_dist=True)
         self.val_iou.reset()
         self.val_acc.reset()
 
@@ -211,7 +212,9 @@ class SegmenterTraining(pl.LightningModule):
         was_training = self.net.training
         self.net.eval()
         n = self.hparams.num_classes
-        iou, acc = MulticlassJaccardIndex(n, average="none"), MulticlassAccuracy(n, average="micro")
+        # process 0 scores the whole split alone (export): a sync would wait for processes that are not scoring
+        iou = MulticlassJaccardIndex(n, average="none", sync_on_compute=False)
+        acc = MulticlassAccuracy(n, average="micro", sync_on_compute=False)
         images_seen = 0
         for images, labels in loader:
             pred = self.net(images.to(self.device)).argmax(1).cpu()
